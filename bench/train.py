@@ -1,0 +1,169 @@
+"""The training loop of one cell, top to bottom: rollout -> reward -> advantages -> estimator -> objective."""
+from __future__ import annotations
+
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from bench import store
+from bench.components import build_methods, build_world
+from bench.errors import NonFiniteLoss, UserError
+from bench.meter import ComputeMeter
+from bench.policy import PolicyCall
+from objectives.kl import velocity_kl
+
+TIMING_KEYS = ("iter_wall_s", "wall_s", "device_s", "device_hours", "peak_mem_mb", "rollout_s", "reward_s", "train_s")
+
+
+def budget_reached(cfg: DictConfig, iteration: int, meter: ComputeMeter) -> bool:
+    b = cfg.budget
+    return ((b.iterations is not None and iteration >= b.iterations)
+            or (b.nfe is not None and meter.total_nfe >= b.nfe)
+            or (b.device_hours is not None and meter.total_device_s / 3600 >= b.device_hours))
+
+
+def check_budget(cfg: DictConfig) -> None:
+    b = cfg.budget
+    set_ = {k: b[k] for k in ("nfe", "device_hours", "iterations") if b.get(k) is not None}
+    if not set_:
+        raise UserError("no budget set; give one of budget.nfe, budget.device_hours, budget.iterations")
+    for k, v in set_.items():
+        if not v > 0:
+            raise UserError(f"budget.{k}={v} must be > 0")
+
+
+def eval_due(cfg: DictConfig, iteration: int, nfe_before: int, nfe_after: int) -> bool:
+    every_nfe = cfg.eval.get("every_nfe")
+    if every_nfe:
+        return nfe_after // every_nfe > nfe_before // every_nfe
+    return iteration % int(cfg.eval.every) == 0
+
+
+def minibatch_indices(n: int, minibatches: int, generator: torch.Generator) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=generator)
+    return [c for c in perm.chunk(max(1, min(minibatches, n))) if len(c)]
+
+
+def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1) -> None:
+    """Run (or resume) one cell until its budget; writes metrics.jsonl, eval PNGs, checkpoints."""
+    check_budget(cfg)
+    cell_dir = Path(cell_dir)
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(int(cfg.seed))
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+
+    world = build_world(cfg)
+    m = build_methods(cfg)
+    policy = world.build_policy()
+    params = policy.trainable_named_parameters()
+    opt = torch.optim.AdamW(params.values(), lr=float(cfg.train.lr), weight_decay=float(cfg.train.weight_decay))
+    meter = ComputeMeter(num_devices=1, device=world.device)
+    ref_params = policy.snapshot()
+    ema_params = policy.snapshot() if cfg.train.old_policy == "ema" else None
+    if cfg.train.old_policy not in ("sampling", "ema"):
+        raise UserError(f"unknown train.old_policy '{cfg.train.old_policy}'; valid: ema, sampling")
+    model = PolicyCall(policy, meter, guidance=m.sampler.guidance)
+    iteration = 0
+
+    ckpt = store.load_checkpoint(cell_dir)
+    if ckpt is not None:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(ckpt["params"][n])
+        opt.load_state_dict(ckpt["optimizer"])
+        meter.load_state_dict(ckpt["meter"])
+        gen.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        ema_params = ckpt.get("ema")
+        iteration = ckpt["iteration"]
+        store.truncate_metrics(cell_dir, iteration)
+    else:
+        (cell_dir / store.METRICS_FILE).unlink(missing_ok=True)
+        with meter.phase("eval"):
+            row = {"iteration": 0, "nfe": 0, "device_hours": 0.0, "wall_s": 0.0,
+                   **world.evaluate(model, cell_dir / "samples", "0000")}
+        store.append_metrics(cell_dir, row)
+
+    P, G = int(cfg.train.prompts_per_iter), int(cfg.train.group_size)
+    bar = tqdm(desc=cell_dir.name, total=cfg.budget.iterations, initial=iteration, position=position,
+               leave=False, dynamic_ncols=True, disable=None)
+    while not budget_reached(cfg, iteration, meter):
+        iteration += 1
+        nfe_before = meter.total_nfe
+        meter.start_iteration()
+
+        # 1. Rollout with the current (sampling) policy.
+        prompts = world.sample_prompts(P, gen)
+        cond = world.encode(prompts)
+        with meter.phase("rollout"), torch.no_grad():
+            rollout = m.sampler.sample(model, prompts, cond, G, world.latent_shape, gen, iteration)
+
+        # 2. Rewards of the final samples.
+        with meter.phase("reward"):
+            leaf_prompts = [prompts[s] for s in rollout.leaf_slot.tolist()]
+            rollout.reward, rollout.reward_parts = world.reward(rollout.x0, leaf_prompts, meter)
+
+        # 3. Advantages per node, then the estimator's action units.
+        adv_nodes = m.advantage(rollout)
+        units = m.estimator.units(rollout)
+        adv = adv_nodes[units]
+        draws = m.estimator.prepare(rollout, units, gen)
+
+        # 4. Policy update: epochs x minibatches optimizer steps against a fixed old policy.
+        old_params = ema_params if ema_params is not None else policy.snapshot()
+        is_sampling = ema_params is None
+        n_updates = int(cfg.train.epochs) * int(cfg.train.minibatches)
+        stats_acc: dict[str, list[float]] = {}
+        with meter.phase("train"):
+            logp_old_all = None
+            if n_updates > 1 or not is_sampling:
+                logp_old_all = m.estimator.old_logp(model.with_params(old_params), rollout, units, draws, gen, is_sampling)
+            for _ in range(int(cfg.train.epochs)):
+                for mb in minibatch_indices(len(units), int(cfg.train.minibatches), gen):
+                    est = m.estimator.estimate(model, rollout, units[mb], {k: v[mb] for k, v in draws.items()})
+                    # Before any update the current policy *is* the sampling policy: reuse its value exactly.
+                    logp_old = est.logp.detach() if logp_old_all is None else logp_old_all[mb]
+                    loss, stats = m.objective.loss(est.logp, logp_old, adv[mb])
+                    if cfg.train.kl_coef:
+                        kl = velocity_kl(est, model.with_params(ref_params))
+                        loss = loss + float(cfg.train.kl_coef) * kl
+                        stats["kl"] = kl.item()
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at iteration {iteration}")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), float(cfg.train.max_grad_norm))
+                    opt.step()
+                    stats.update(loss=loss.item(), grad_norm=grad_norm.item())
+                    for k, v in stats.items():
+                        stats_acc.setdefault(k, []).append(v)
+        if ema_params is not None:
+            d = float(cfg.train.ema_decay)
+            with torch.no_grad():
+                for n, p in params.items():
+                    ema_params[n].mul_(d).add_(p.detach(), alpha=1 - d)
+
+        # 5. Log: compute figures, training statistics, and eval figures when due.
+        row = {"iteration": iteration, **meter.end_iteration()}
+        row.update({k: (min(v) if k == "ratio_min" else max(v) if k == "ratio_max" else sum(v) / len(v))
+                    for k, v in stats_acc.items()})
+        row.update(train_reward_mean=rollout.reward.mean().item(), train_reward_std=rollout.reward.std().item(),
+                   num_units=len(units), num_samples=len(rollout.leaves))
+        last = budget_reached(cfg, iteration, meter)
+        if last or eval_due(cfg, iteration, nfe_before, meter.total_nfe):
+            with meter.phase("eval"):
+                row.update(world.evaluate(model, cell_dir / "samples", f"{iteration:04d}"))
+        store.append_metrics(cell_dir, row)
+        if last or "eval_reward" in row or iteration % int(cfg.checkpoint.every) == 0:
+            store.save_checkpoint(cell_dir, {
+                "iteration": iteration, "params": policy.snapshot(), "optimizer": opt.state_dict(),
+                "meter": meter.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "ema": ema_params})
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['train_reward_mean']:.3f}", nfe=meter.total_nfe)
+    bar.close()
+
+

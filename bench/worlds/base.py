@@ -1,0 +1,65 @@
+"""The world interface the training loop talks to."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from bench.meter import ComputeMeter
+from bench.policy import Cond, Policy, PolicyCall
+from bench.rewards.combine import WeightedReward
+
+
+class World:
+    """A policy model, its prompts, its rewards and its evaluation protocol."""
+
+    name = "world"
+    latent_shape: tuple[int, ...] = ()
+
+    def __init__(self, cfg: Mapping[str, Any], cache_dir: Path):
+        self.cfg = dict(cfg)
+        self.cache_dir = Path(cache_dir)
+        self.device = torch.device(self.cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._reward: WeightedReward | None = None
+
+    # -- model -----------------------------------------------------------------------------
+    def build_policy(self) -> Policy:
+        """The pretrained base policy, trainable parameters marked requires_grad."""
+        raise NotImplementedError
+
+    # -- prompts ---------------------------------------------------------------------------
+    def train_prompts(self) -> list[str]:
+        raise NotImplementedError
+
+    def sample_prompts(self, n: int, generator: torch.Generator) -> list[str]:
+        pool = self.train_prompts()
+        idx = torch.randint(len(pool), (n,), generator=generator)
+        return [pool[i] for i in idx.tolist()]
+
+    def encode(self, prompts: list[str]) -> Cond:
+        raise NotImplementedError
+
+    # -- rewards ---------------------------------------------------------------------------
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Final samples -> images [B, C, H, W] in [0, 1]."""
+        raise NotImplementedError
+
+    @property
+    def reward_fn(self) -> WeightedReward:
+        if self._reward is None:
+            self._reward = WeightedReward(self.cfg.get("reward", "digit_judge"), self, self.cfg.get("reward_options"))
+        return self._reward
+
+    def reward(self, x0: torch.Tensor, prompts: list[str], meter: ComputeMeter | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            images = self.decode(x0)
+            if meter is not None:
+                meter.count_reward(len(prompts))
+            return self.reward_fn(images, prompts)
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate(self, model: PolicyCall, out_dir: Path | None, tag: str) -> dict[str, float]:
+        """Eval figures (prefixed eval_) on fixed held-out noise; writes a sample grid PNG to out_dir."""
+        raise NotImplementedError

@@ -1,0 +1,156 @@
+"""The embedded CPU world: scikit-learn's 8x8 digits, a flow MLP policy and classifier judges."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.errors import UserError
+from bench.policy import PolicyCall
+from bench.worlds import WORLDS
+from bench.worlds.base import World
+from bench.worlds.digits_judges import fit_heldout_judge, fit_judge
+from bench.worlds.digits_model import DigitsFlowMLP, pretrain
+from samplers.ode import ODESampler
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+TEMPLATES = ["a handwritten {d}", "the digit {d}", "a drawing of the number {w}", "the number {w}, written by hand"]
+_DIGIT_RE = re.compile(r"\b(\d|" + "|".join(WORDS) + r")\b", re.IGNORECASE)
+
+
+def load_real_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1797 bundled digits scaled to [-1, 1] (64 dims) and their labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.tensor(d.data / 8.0 - 1.0, dtype=torch.float32), torch.tensor(d.target, dtype=torch.long)
+
+
+def atomic_save(obj, path: Path, saver=torch.save) -> None:
+    """Write to a temp file then rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    saver(obj, tmp)
+    os.replace(tmp, path)
+
+
+@WORLDS.register("digits")
+class DigitsWorld(World):
+    """Class-conditional generation of 8x8 digits; rewards and held-out detectors come from real-digit classifiers."""
+
+    name = "digits"
+    latent_shape = (64,)
+
+    def __init__(self, cfg, cache_dir):
+        super().__init__(cfg, cache_dir)
+        self.real_x, self.real_y = load_real_digits()
+        perm = torch.randperm(len(self.real_y), generator=torch.Generator().manual_seed(0))
+        half = len(perm) // 2
+        self.split_judge, self.split_heldout = perm[:half], perm[half:]
+        self._judges = None
+
+    # -- prompts ---------------------------------------------------------------------------
+    @staticmethod
+    def parse_prompt(prompt: str) -> int:
+        m = _DIGIT_RE.search(prompt)
+        if not m:
+            raise UserError(f"unknown prompt '{prompt}'; digits prompts name one digit 0-9 "
+                            f"(e.g. '{TEMPLATES[0].format(d=7)}' or '{TEMPLATES[2].format(w='seven')}')")
+        tok = m.group(1).lower()
+        return int(tok) if tok.isdigit() else WORDS.index(tok)
+
+    def train_prompts(self):
+        return [t.format(d=d, w=WORDS[d]) for d in range(10) for t in TEMPLATES]
+
+    def encode(self, prompts):
+        return torch.tensor([self.parse_prompt(p) for p in prompts], dtype=torch.long, device=self.device)
+
+    # -- model -----------------------------------------------------------------------------
+    def _cache_path(self, kind: str, spec: dict) -> Path:
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+        return self.cache_dir / f"digits_{kind}_{key}.pt"
+
+    def build_policy(self):
+        spec = {"version": 1, **dict(self.cfg.get("pretrain", {}))}
+        path = self._cache_path("base", spec)
+        model = DigitsFlowMLP(int(spec.get("hidden", 256)), int(spec.get("depth", 3)))
+        if path.exists():
+            model.load_state_dict(torch.load(path, map_location="cpu"))
+        else:
+            trained = pretrain(self.real_x, self.real_y, spec)
+            atomic_save(trained.state_dict(), path)
+            model.load_state_dict(trained.state_dict())
+        return model.to(self.device).eval()
+
+    # -- judges and rewards ----------------------------------------------------------------
+    @property
+    def judges(self):
+        if self._judges is None:
+            path = self._cache_path("judges", {"version": 1})
+            if path.exists():
+                with open(path, "rb") as f:
+                    self._judges = pickle.load(f)
+            else:
+                x, y = self.real_x.numpy(), self.real_y.numpy()
+                a, b = self.split_judge.numpy(), self.split_heldout.numpy()
+                self._judges = (fit_judge(x[a], y[a]), fit_heldout_judge(x[b], y[b]))
+                atomic_save(self._judges, path, lambda o, p: p.write_bytes(pickle.dumps(o)))
+        return self._judges
+
+    def decode(self, x0):
+        return ((x0.float().clamp(-1, 1) + 1) / 2).view(-1, 1, 8, 8)
+
+    @staticmethod
+    def _features(images: torch.Tensor) -> np.ndarray:
+        return (images.flatten(1).cpu().double().numpy() * 2 - 1)
+
+    def judge_proba(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.judges[0].predict_proba(self._features(images)), dtype=torch.float32)
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate(self, model: PolicyCall, out_dir: Path | None, tag: str) -> dict[str, float]:
+        ecfg = dict(self.cfg.get("eval", {}))
+        per_class = int(ecfg.get("samples_per_class", 20))
+        prompts = [TEMPLATES[0].format(d=d) for d in range(10) for _ in range(per_class)]
+        labels = torch.arange(10).repeat_interleave(per_class)
+        sampler = ODESampler({"steps": int(ecfg.get("steps", 10)), "shift": float(self.cfg.get("shift", 1.0))})
+        gen = torch.Generator().manual_seed(int(ecfg.get("noise_seed", 1234)))
+        with torch.no_grad():
+            rollout = sampler.sample(model, prompts, self.encode(prompts), 1, self.latent_shape, gen)
+            x0 = rollout.x0.float()
+            images = self.decode(x0)
+            reward, _ = self.reward_fn(images, prompts)
+        feats = self._features(images)
+        judge, heldout = self.judges
+        pixels = torch.tensor(feats, dtype=torch.float32)
+        nearest = torch.cdist(pixels, self.real_x).min(1).values / 8.0  # RMS per pixel
+        diversity = np.mean([torch.pdist(pixels[labels == d]).mean().item() / 8.0 for d in range(10)])
+        metrics = {
+            "eval_reward": reward.mean().item(),
+            "eval_accuracy": float((judge.predict(feats) == labels.numpy()).mean()),
+            "eval_heldout_accuracy": float((heldout.predict(feats) == labels.numpy()).mean()),
+            "eval_diversity": float(diversity),
+            "eval_nearest_real": nearest.mean().item(),
+        }
+        if out_dir is not None:
+            save_digit_grid(images.view(10, per_class, 8, 8)[:, :10], Path(out_dir) / f"eval_{tag}.png")
+        return metrics
+
+
+def save_digit_grid(images: torch.Tensor, path: Path, scale: int = 4) -> None:
+    """[rows, cols, 8, 8] in [0, 1] -> one PNG, one row per digit, a 1-pixel grey gutter."""
+    rows, cols, h, w = images.shape
+    canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1), 0.5, dtype=np.float32)
+    for r in range(rows):
+        for c in range(cols):
+            canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = images[r, c].cpu().numpy()
+    img = Image.fromarray((canvas * 255).astype(np.uint8), "L").resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)

@@ -1,0 +1,4 @@
+"""Likelihood estimators over a Rollout (DESIGN section 6); each file registers one."""
+from bench.registry import Registry
+
+ESTIMATORS: Registry = Registry("estimator", "estimators")

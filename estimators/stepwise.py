@@ -1,0 +1,38 @@
+"""Per-step Gaussian log-likelihood of SDE transitions (DDPO, Black et al. 2023; Flow-GRPO)."""
+from __future__ import annotations
+
+import torch
+
+from estimators import ESTIMATORS
+from estimators.base import Estimate, Estimator
+from samplers.kernels import gaussian_logp
+
+
+@ESTIMATORS.register("stepwise")
+class StepwiseEstimator(Estimator):
+    """log N(x_child; mu_theta(x_parent), s^2) per trained SDE edge; one forward per parent node."""
+
+    final_sample = False
+
+    def units(self, rollout):
+        return rollout.sde_edges(trained_only=True)
+
+    def estimate(self, model, rollout, units, draws):
+        parents = rollout.parent[units]
+        # Tree children share a parent: evaluate each distinct parent once.
+        uniq, inverse = torch.unique(parents, return_inverse=True)
+        x_p, t_p = rollout.x[uniq], rollout.t[uniq]
+        cond_p = rollout.node_cond(uniq)
+        v = model(x_p, t_p, cond_p)
+        t_c = rollout.t[units]
+        mu, _ = rollout.kernel.mean_scale(x_p[inverse], v[inverse], t_p[inverse], t_c, rollout.schedule)
+        logp = gaussian_logp(rollout.x[units], mu, rollout.scale[units], self.reduce)
+        unit_of_eval = torch.zeros(len(uniq), dtype=torch.long, device=units.device)
+        unit_of_eval[inverse] = torch.arange(len(units), device=units.device)
+        return Estimate(logp, v, x_p, t_p, cond_p, unit_of_eval)
+
+    def old_logp(self, model_old, rollout, units, draws, generator, is_sampling_policy):
+        if is_sampling_policy:
+            stored = rollout.logp_old[units]
+            return stored / rollout.x[0].numel() if self.reduce == "mean" else stored
+        return super().old_logp(model_old, rollout, units, draws, generator, is_sampling_policy)

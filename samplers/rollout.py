@@ -1,0 +1,109 @@
+"""The Rollout: one batched forest structure shared by every rollout scheme (DESIGN section 4)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bench.policy import Cond, index_cond
+
+ROOT, ODE, SDE = 0, 1, 2  # kind of the edge into a node
+
+
+@dataclass
+class Rollout:
+    """Nodes indexed by id; node i was reached from parent[i] by an edge of kind[i].
+
+    For SDE edges, mean/scale are the Gaussian transition N(mean, scale^2 I) and logp_old is the
+    child's log-density under the sampling policy, summed over non-batch dims (estimators rescale
+    it to their own reduction, so one rollout serves 'mean' and 'sum').
+    Leaves carry the final samples, their prompt slot and, once scored, their reward.
+    """
+
+    x: torch.Tensor          # [N, *shape]
+    t: torch.Tensor          # [N] flow time of the node (1 = noise)
+    step: torch.Tensor       # [N] schedule index of the node
+    parent: torch.Tensor     # [N] parent id, -1 for roots
+    slot: torch.Tensor       # [N] prompt slot
+    kind: torch.Tensor       # [N] ROOT / ODE / SDE
+    mean: torch.Tensor       # [N, *shape] transition mean into the node (zeros unless SDE)
+    scale: torch.Tensor      # [N] transition std into the node (0 unless SDE)
+    logp_old: torch.Tensor   # [N] summed log-density under the sampling policy (0 unless SDE)
+    trained: torch.Tensor    # [N] bool: the edge into this node is an action unit for stepwise training
+    leaves: torch.Tensor     # [L] node ids of final samples
+    schedule: torch.Tensor   # [T+1] the time grid, schedule[0] = 1, schedule[T] = 0
+    prompts: list[str]       # per slot
+    cond: Cond               # per slot
+    kernel: Any              # the transition kernel of the SDE edges (recomputes means)
+    guidance: float = 1.0
+    reward: torch.Tensor | None = None           # [L]
+    reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def leaf_slot(self) -> torch.Tensor:
+        return self.slot[self.leaves]
+
+    @property
+    def x0(self) -> torch.Tensor:
+        return self.x[self.leaves]
+
+    def node_cond(self, nodes: torch.Tensor) -> Cond:
+        return index_cond(self.cond, self.slot[nodes])
+
+    def sde_edges(self, trained_only: bool = True) -> torch.Tensor:
+        mask = self.kind == SDE
+        if trained_only:
+            mask &= self.trained
+        return mask.nonzero().squeeze(1)
+
+    def leaf_of(self) -> torch.Tensor:
+        """[N] the id of a leaf below each node (for trees, one of several), filled level by level."""
+        out = torch.full((self.num_nodes,), -1, dtype=torch.long, device=self.x.device)
+        out[self.leaves] = self.leaves
+        for s in range(int(self.step.max()), 0, -1):
+            nodes = (self.step == s).nonzero().squeeze(1)
+            nodes = nodes[out[nodes] >= 0]
+            out[self.parent[nodes]] = out[nodes]
+        return out
+
+
+class RolloutBuilder:
+    """Appends nodes level by level into preallocated-free lists, then stacks them once."""
+
+    def __init__(self, schedule: torch.Tensor, prompts: list[str], cond: Cond, kernel: Any, guidance: float):
+        self.schedule, self.prompts, self.cond, self.kernel, self.guidance = schedule, prompts, cond, kernel, guidance
+        self._cols: dict[str, list[torch.Tensor]] = {k: [] for k in
+                                                     ("x", "t", "step", "parent", "slot", "kind", "mean", "scale", "logp_old", "trained")}
+        self.count = 0
+
+    def add(self, x: torch.Tensor, step: int, slot: torch.Tensor, parent: torch.Tensor | None = None,
+            kind: int = ROOT, mean: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+            logp_old: torch.Tensor | None = None, trained: bool | torch.Tensor = False) -> torch.Tensor:
+        """Add a level of B nodes; returns their ids."""
+        b = x.shape[0]
+        ids = torch.arange(self.count, self.count + b)
+        self.count += b
+        zeros = torch.zeros(b, dtype=torch.float32, device=x.device)
+        c = self._cols
+        c["x"].append(x)
+        c["t"].append(torch.full((b,), float(self.schedule[step]), dtype=torch.float32, device=x.device))
+        c["step"].append(torch.full((b,), step, dtype=torch.long, device=x.device))
+        c["parent"].append(torch.full((b,), -1, dtype=torch.long, device=x.device) if parent is None else parent.to(x.device))
+        c["slot"].append(slot.to(x.device))
+        c["kind"].append(torch.full((b,), kind, dtype=torch.int8, device=x.device))
+        c["mean"].append(torch.zeros_like(x) if mean is None else mean)
+        c["scale"].append(zeros if scale is None else scale.expand(b).float())
+        c["logp_old"].append(zeros if logp_old is None else logp_old.float())
+        tr = torch.as_tensor(trained, device=x.device)
+        c["trained"].append(tr.expand(b).clone() if tr.ndim == 0 else tr)
+        return ids
+
+    def build(self, leaves: torch.Tensor) -> Rollout:
+        cols = {k: torch.cat(v, 0) for k, v in self._cols.items()}
+        return Rollout(**cols, leaves=leaves.to(cols["x"].device), schedule=self.schedule, prompts=self.prompts,
+                       cond=self.cond, kernel=self.kernel, guidance=self.guidance)
