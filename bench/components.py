@@ -53,7 +53,9 @@ def validate_cell(cfg: DictConfig) -> None:
     """Fail fast, before any training, on names no registry knows (world, reward, methods)."""
     from bench.rewards import REWARDS
 
-    WORLDS.get(cfg.world.name)
+    world_cls = WORLDS.get(cfg.world.name)
+    if hasattr(world_cls, "preflight"):  # cheap checks a world can make up front (sd3: are the weights there?)
+        world_cls.preflight(plain(cfg.world))
     spec = cfg.world.get("reward", None)
     names = [spec] if isinstance(spec, str) else list(plain(spec)) if spec is not None else []
     for name in names:

@@ -69,7 +69,9 @@ def expand_grid(grid_name: str, user_overrides: list[str]) -> tuple[DictConfig, 
             overrides = [f"grid={grid_name}", *rest, *(f"{a}={v}" for a, v in point.items()), f"seed={seed}"]
             cfg = compose_config(overrides)
             cells.append(Cell(f"{method}-seed{seed}", method, seed, point, overrides, cfg,
-                              labels={g: str(cfg[g].name) for g in ("sampler", "estimator", "objective") if g in cfg}))
+                              labels={**{g: str(cfg[g].name) for g in ("sampler", "estimator", "objective") if g in cfg},
+                                      # the method/ recipe, even when chosen outside the axes
+                                      **({"preset": str(cfg.preset)} if cfg.get("preset") else {})}))
     return base, cells
 
 

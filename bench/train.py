@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from bench import store
+from bench import distributed, store
 from bench.components import build_methods, build_world
 from bench.errors import NonFiniteLoss, UserError
 from bench.meter import ComputeMeter
+from bench.ema import ema_decay, ema_update
 from bench.policy import PolicyCall
-from objectives.kl import velocity_kl
+from objectives.kl import kl_penalty
 
 TIMING_KEYS = ("iter_wall_s", "wall_s", "device_s", "device_hours", "peak_mem_mb", "rollout_s", "reward_s", "train_s")
 
@@ -42,13 +44,26 @@ def eval_due(cfg: DictConfig, iteration: int, nfe_before: int, nfe_after: int) -
     return iteration % int(cfg.eval.every) == 0
 
 
-def minibatch_indices(n: int, minibatches: int, generator: torch.Generator) -> list[torch.Tensor]:
-    perm = torch.randperm(n, generator=generator)
-    return [c for c in perm.chunk(max(1, min(minibatches, n))) if len(c)]
+def minibatch_indices(n: int, minibatches: int, generator: torch.Generator,
+                      groups: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Shuffled minibatches of unit indices; units with one `groups` id (tree siblings) land in the same one."""
+    if groups is None:
+        perm = torch.randperm(n, generator=generator)
+        return [c for c in perm.chunk(max(1, min(minibatches, n))) if len(c)]
+    _, group_of = torch.unique(groups.cpu(), return_inverse=True)
+    n_groups = int(group_of.max()) + 1
+    chunk_of_group = torch.empty(n_groups, dtype=torch.long)
+    chunks = torch.randperm(n_groups, generator=generator).chunk(max(1, min(minibatches, n_groups)))
+    for c, members in enumerate(chunks):
+        chunk_of_group[members] = c
+    chunk_of_unit = chunk_of_group[group_of]
+    return [(chunk_of_unit == c).nonzero().squeeze(1) for c in range(len(chunks))]
 
 
-def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1) -> None:
-    """Run (or resume) one cell until its budget; writes metrics.jsonl, eval PNGs, checkpoints."""
+def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1,
+               on_row: Callable[[dict], None] | None = None) -> None:
+    """Run (or resume) one cell until its budget; writes metrics.jsonl, eval PNGs, checkpoints; `on_row` sees each
+    metrics row once it is on disk (experiment trackers)."""
     check_budget(cfg)
     cell_dir = Path(cell_dir)
     cell_dir.mkdir(parents=True, exist_ok=True)
@@ -58,9 +73,10 @@ def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1) -> None:
     world = build_world(cfg)
     m = build_methods(cfg)
     policy = world.build_policy()
+    world, policy = distributed.wrap(world, policy)  # multi-process: prompt shards, averaged grads; else a no-op
     params = policy.trainable_named_parameters()
     opt = torch.optim.AdamW(params.values(), lr=float(cfg.train.lr), weight_decay=float(cfg.train.weight_decay))
-    meter = ComputeMeter(num_devices=1, device=world.device)
+    meter = distributed.make_meter(world.device)  # one process: ComputeMeter(num_devices=1)
     ref_params = policy.snapshot()
     ema_params = policy.snapshot() if cfg.train.old_policy == "ema" else None
     if cfg.train.old_policy not in ("sampling", "ema"):
@@ -78,6 +94,8 @@ def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1) -> None:
         gen.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
         ema_params = ckpt.get("ema")
+        if hasattr(m.advantage, "load_state_dict"):
+            m.advantage.load_state_dict(ckpt.get("advantage") or {})
         iteration = ckpt["iteration"]
         store.truncate_metrics(cell_dir, iteration)
     else:
@@ -86,6 +104,8 @@ def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1) -> None:
             row = {"iteration": 0, "nfe": 0, "device_hours": 0.0, "wall_s": 0.0,
                    **world.evaluate(model, cell_dir / "samples", "0000")}
         store.append_metrics(cell_dir, row)
+        if on_row is not None:
+            on_row(row)
 
     P, G = int(cfg.train.prompts_per_iter), int(cfg.train.group_size)
     bar = tqdm(desc=cell_dir.name, total=cfg.budget.iterations, initial=iteration, position=position,
@@ -119,16 +139,26 @@ def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1) -> None:
         stats_acc: dict[str, list[float]] = {}
         with meter.phase("train"):
             logp_old_all = None
-            if n_updates > 1 or not is_sampling:
+            # Objectives on noised samples (nft, awm) need v_old per minibatch, never a precomputed logp_old.
+            if (n_updates > 1 or not is_sampling) and not m.objective.on_noised_samples:
                 logp_old_all = m.estimator.old_logp(model.with_params(old_params), rollout, units, draws, gen, is_sampling)
+            groups = m.estimator.unit_groups(rollout, units)
+            stepped = False
             for _ in range(int(cfg.train.epochs)):
-                for mb in minibatch_indices(len(units), int(cfg.train.minibatches), gen):
+                for mb in minibatch_indices(len(units), int(cfg.train.minibatches), gen, groups):
                     est = m.estimator.estimate(model, rollout, units[mb], {k: v[mb] for k, v in draws.items()})
-                    # Before any update the current policy *is* the sampling policy: reuse its value exactly.
-                    logp_old = est.logp.detach() if logp_old_all is None else logp_old_all[mb]
-                    loss, stats = m.objective.loss(est.logp, logp_old, adv[mb])
+                    # Before the first optimizer step the current policy *is* the sampling policy: reuse its value
+                    # exactly (a stored or batch-recomputed value differs in the last bits), so the ratio is 1.
+                    fresh = (logp_old_all is None and not m.objective.on_noised_samples) or (is_sampling and not stepped)
+                    if m.objective.on_noised_samples:
+                        model_old = None if fresh else model.with_params(old_params)
+                        loss, stats = m.objective.sample_loss(est, rollout.x[units[mb]], adv[mb], model_old)
+                    else:
+                        logp_old = est.logp.detach() if fresh else logp_old_all[mb]
+                        loss, stats = m.objective.loss(est.logp, logp_old, adv[mb])
                     if cfg.train.kl_coef:
-                        kl = velocity_kl(est, model.with_params(ref_params))
+                        kl = kl_penalty(cfg.train.get("kl_type", "velocity"), est, model.with_params(ref_params),
+                                        rollout, units[mb])
                         loss = loss + float(cfg.train.kl_coef) * kl
                         stats["kl"] = kl.item()
                     if not torch.isfinite(loss):
@@ -137,31 +167,32 @@ def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1) -> None:
                     loss.backward()
                     grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), float(cfg.train.max_grad_norm))
                     opt.step()
+                    stepped = True
                     stats.update(loss=loss.item(), grad_norm=grad_norm.item())
                     for k, v in stats.items():
                         stats_acc.setdefault(k, []).append(v)
         if ema_params is not None:
-            d = float(cfg.train.ema_decay)
-            with torch.no_grad():
-                for n, p in params.items():
-                    ema_params[n].mul_(d).add_(p.detach(), alpha=1 - d)
+            ema_update(ema_params, params, ema_decay(cfg.train, iteration))
 
         # 5. Log: compute figures, training statistics, and eval figures when due.
         row = {"iteration": iteration, **meter.end_iteration()}
         row.update({k: (min(v) if k == "ratio_min" else max(v) if k == "ratio_max" else sum(v) / len(v))
                     for k, v in stats_acc.items()})
-        row.update(train_reward_mean=rollout.reward.mean().item(), train_reward_std=rollout.reward.std().item(),
+        all_rewards = distributed.all_gather(rollout.reward)  # every rank's rewards (this rank's in one process)
+        row.update(train_reward_mean=all_rewards.mean().item(), train_reward_std=all_rewards.std().item(),
                    num_units=len(units), num_samples=len(rollout.leaves))
         last = budget_reached(cfg, iteration, meter)
         if last or eval_due(cfg, iteration, nfe_before, meter.total_nfe):
             with meter.phase("eval"):
                 row.update(world.evaluate(model, cell_dir / "samples", f"{iteration:04d}"))
         store.append_metrics(cell_dir, row)
+        if on_row is not None:
+            on_row(row)
         if last or "eval_reward" in row or iteration % int(cfg.checkpoint.every) == 0:
             store.save_checkpoint(cell_dir, {
                 "iteration": iteration, "params": policy.snapshot(), "optimizer": opt.state_dict(),
                 "meter": meter.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "ema": ema_params})
+                "ema": ema_params, "advantage": m.advantage.state_dict() if hasattr(m.advantage, "state_dict") else None})
         bar.update(1)
         bar.set_postfix(reward=f"{row['train_reward_mean']:.3f}", nfe=meter.total_nfe)
     bar.close()

@@ -26,6 +26,7 @@ class Estimator:
     """Maps a Rollout to action units (node ids) and estimates log pi(unit) for any parameters."""
 
     final_sample: bool = False  # True: works on leaves, so any sampler (ODE, trees) will do
+    noised_samples: bool = False  # True: estimate() evaluates v at x_t = (1 - t) x0 + t eps of each unit's sample
 
     def __init__(self, cfg: Mapping[str, Any]):
         self.cfg = dict(cfg)
@@ -42,6 +43,10 @@ class Estimator:
     def units(self, rollout: Rollout) -> torch.Tensor:
         """Node ids of the action units; advantages are indexed by node id."""
         raise NotImplementedError
+
+    def unit_groups(self, rollout: Rollout, units: torch.Tensor) -> torch.Tensor | None:
+        """[U] group ids of units that share model evaluations and so must share a minibatch; None if none do."""
+        return None
 
     def prepare(self, rollout: Rollout, units: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Per-iteration random draws, one row per unit (sliced along with the units into minibatches)."""

@@ -17,6 +17,12 @@ class StepwiseEstimator(Estimator):
     def units(self, rollout):
         return rollout.sde_edges(trained_only=True)
 
+    def unit_groups(self, rollout, units):
+        # Tree siblings share their parent's forward: keep them in one minibatch so it runs once per epoch.
+        # Chains have a parent per unit; None keeps their plain shuffle.
+        parents = rollout.parent[units]
+        return parents if len(torch.unique(parents)) < len(parents) else None
+
     def estimate(self, model, rollout, units, draws):
         parents = rollout.parent[units]
         # Tree children share a parent: evaluate each distinct parent once.

@@ -1,6 +1,7 @@
 """Group-normalised advantages (GRPO, as in Flow-GRPO; DDPO's per-prompt tracking is an option)."""
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Mapping
 
 import torch
@@ -23,18 +24,71 @@ def normalise_groups(reward: torch.Tensor, group: torch.Tensor, global_std: bool
     return centred / (std[group] + eps)
 
 
+class PromptStatTracker:
+    """DDPO's per-prompt reward statistics (Black et al. 2023): the last `buffer_size` rewards of each prompt text.
+
+    A prompt with fewer than `min_count` rewards buffered is normalised with the whole batch's mean and std, as
+    DDPO's PerPromptStatTracker does. The buffers outlive an iteration (the advantage object lives as long as
+    the cell) and are saved in the cell's checkpoint.
+    """
+
+    def __init__(self, buffer_size: int = 16, min_count: int = 16):
+        self.buffer_size, self.min_count = int(buffer_size), int(min_count)
+        self.buffers: dict[str, deque] = {}
+
+    def normalise(self, reward: torch.Tensor, prompts: list[str], eps: float = 1e-4) -> torch.Tensor:
+        """(r - mean) / (std + eps) with each prompt's buffered statistics, after adding this batch's rewards."""
+        adv = torch.empty_like(reward)
+        batch_mean, batch_std = reward.mean(), reward.std(unbiased=False)
+        for prompt in dict.fromkeys(prompts):
+            idx = torch.tensor([i for i, q in enumerate(prompts) if q == prompt])
+            buf = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buf.extend(reward[idx].tolist())
+            if len(buf) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                hist = torch.tensor(list(buf), dtype=reward.dtype)
+                mean, std = hist.mean(), hist.std(unbiased=False)
+            adv[idx] = (reward[idx] - mean) / (std + eps)
+        return adv
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {k: list(v) for k, v in self.buffers.items()}
+
+    def load_state_dict(self, state: Mapping[str, list[float]]) -> None:
+        self.buffers = {k: deque(v, maxlen=self.buffer_size) for k, v in state.items()}
+
+
 @ADVANTAGES.register("group")
 class GroupAdvantage:
-    """GRPO advantage per leaf, copied to every node of its chain; `clip` bounds it (default 5)."""
+    """GRPO advantage per leaf, copied to every node of its chain; `clip` bounds it (default 5).
+
+    `stat_tracking: {buffer_size, min_count}` normalises with per-prompt statistics over past iterations (DDPO)
+    instead of the current group's.
+    """
 
     def __init__(self, cfg: Mapping[str, Any]):
         self.cfg = dict(cfg)
+        track = self.cfg.get("stat_tracking")
+        self.tracker = PromptStatTracker(**dict(track)) if track else None
 
     def leaf_advantages(self, rollout: Rollout) -> torch.Tensor:
         reward = rollout.reward.detach().float().cpu()
-        adv = normalise_groups(reward, rollout.leaf_slot.cpu(), bool(self.cfg.get("global_std", False)))
+        eps = float(self.cfg.get("std_eps", 1e-4))
+        if self.tracker is not None:
+            adv = self.tracker.normalise(reward, [rollout.prompts[s] for s in rollout.leaf_slot.tolist()], eps)
+        else:
+            adv = normalise_groups(reward, rollout.leaf_slot.cpu(), bool(self.cfg.get("global_std", False)), eps)
         clip = self.cfg.get("clip", 5.0)
         return adv.clamp(-clip, clip) if clip is not None else adv
+
+    def state_dict(self) -> dict:
+        """Cross-iteration state for the checkpoint (only DDPO's stat tracking has any)."""
+        return {"stat_tracking": self.tracker.state_dict()} if self.tracker is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.tracker is not None and state.get("stat_tracking") is not None:
+            self.tracker.load_state_dict(state["stat_tracking"])
 
     def __call__(self, rollout: Rollout) -> torch.Tensor:
         """[N] advantage of the edge into each node; a node takes the advantage of its chain's leaf."""

@@ -9,11 +9,27 @@ from bench.policy import Cond, PolicyCall, index_cond
 from samplers.kernels import EulerODE, gaussian_logp
 from samplers.rollout import ODE, SDE, Rollout, RolloutBuilder
 from samplers.schedule import flow_schedule
+from samplers.solvers import EulerSolver, ODESolver
 
 
 def randn(shape: tuple, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
     """Noise drawn on the CPU generator so a seed gives the same numbers on every device."""
     return torch.randn(shape, generator=generator).to(device)
+
+
+def stochastic_step(kernel: Any, x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+                    schedule: torch.Tensor, generator: torch.Generator, branches: int = 1
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One SDE step with `branches` children per node around the node's one mean (TreeGRPO; 1 for chains).
+
+    Returns, per child [B * branches]: the sample, the transition mean and scale, and the log-density summed
+    over dims. Children of node b are rows b * branches ... (b + 1) * branches - 1.
+    """
+    mu, s = kernel.mean_scale(x, v, sigma, sigma_next, schedule)
+    if branches > 1:
+        mu, s = mu.repeat_interleave(branches, 0), s.repeat_interleave(branches, 0)
+    x_next = mu + s.view(-1, *[1] * (x.ndim - 1)) * randn(mu.shape, generator, x.device)
+    return x_next, mu, s, gaussian_logp(x_next, mu, s, "sum")
 
 
 class Sampler:
@@ -49,6 +65,14 @@ class ChainSampler(Sampler):
 
     kernel: Any = EulerODE()
 
+    def plan(self, iteration: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """This iteration's time grid [S+1] and which of its S steps are stochastic (windowed schemes override)."""
+        return self.schedule(), self.sde_steps(iteration)
+
+    def ode_solver(self, sde: torch.Tensor) -> ODESolver:
+        """A fresh solver for the deterministic steps of one rollout (MixGRPO-Flash uses a higher order after its window)."""
+        return EulerSolver()
+
     def sde_steps(self, iteration: int) -> torch.Tensor:
         """[T] bool: which steps are stochastic at this iteration."""
         mask = torch.zeros(self.steps, dtype=torch.bool)
@@ -70,9 +94,9 @@ class ChainSampler(Sampler):
         if keep < n_sde:
             idx = sde.nonzero().squeeze(1)
             mask[:] = False
-            for b in range(batch):
-                chosen = idx[torch.randperm(n_sde, generator=generator)[:keep]]
-                mask[chosen, b] = True
+            # An independent random subset per chain, drawn for all chains at once (argsort of uniforms).
+            chosen = idx[torch.rand(batch, n_sde, generator=generator).argsort(1)[:, :keep]]
+            mask[chosen, torch.arange(batch).unsqueeze(1)] = True
         return mask
 
     def sample(self, model, prompts, cond, group_size, shape, generator, iteration=0):
@@ -84,20 +108,19 @@ class ChainSampler(Sampler):
         else:
             x = randn((p * g, *shape), generator, device)
         cond_b = index_cond(cond, slot.to(device))
-        sched = self.schedule().to(device)
+        sched, sde = self.plan(iteration, generator)
+        sched = sched.to(device)
         builder = RolloutBuilder(sched, prompts, cond, self.kernel, self.guidance)
         ids = builder.add(x, 0, slot)
-        sde = self.sde_steps(iteration)
         trained = self.trained_mask(sde, p * g, generator)
-        ode = EulerODE()
-        for i in range(self.steps):
+        solver = self.ode_solver(sde)
+        for i in range(len(sde)):
             sigma, sigma_next = sched[i].expand(p * g), sched[i + 1].expand(p * g)
             v = model(x, sigma, cond_b)
             if sde[i]:
-                mu, s = self.kernel.mean_scale(x, v, sigma, sigma_next, sched)
-                x = mu + s.view(-1, *[1] * len(shape)) * randn(x.shape, generator, device)
-                ids = builder.add(x, i + 1, slot, ids, SDE, mu, s, gaussian_logp(x, mu, s, "sum"), trained[i].to(device))
+                x, mu, s, logp = stochastic_step(self.kernel, x, v, sigma, sigma_next, sched, generator)
+                ids = builder.add(x, i + 1, slot, ids, SDE, mu, s, logp, trained[i].to(device))
             else:
-                x, _ = ode.mean_scale(x, v, sigma, sigma_next)
+                x = solver.step(model, x, v, i, sched, cond_b)
                 ids = builder.add(x, i + 1, slot, ids, ODE)
         return builder.build(leaves=ids)

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from bench.errors import UnknownChoice
+
 
 def _bcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
@@ -51,3 +53,55 @@ def gaussian_logp(x: torch.Tensor, mu: torch.Tensor, scale: torch.Tensor, reduce
     if reduce == "sum":
         return elem.sum(1)
     raise ValueError(f"unknown reduce '{reduce}'; valid: mean, sum")
+
+
+class DanceSDE:
+    """DanceGRPO's SDE (Xue et al. 2025, arXiv 2505.07818), noise level eta: the score comes from x0_hat = x - sigma v."""
+
+    stochastic = True
+
+    def __init__(self, eta: float = 0.3):
+        self.eta = float(eta)
+
+    def mean_scale(self, x, v, sigma, sigma_next, schedule=None):
+        dt = sigma_next - sigma
+        dt_b, sig_b = _bcast(dt, x), _bcast(sigma, x)
+        x0_hat = x - sig_b * v
+        score = -(x - (1 - sig_b) * x0_hat) / sig_b**2
+        mu = x + dt_b * v - 0.5 * self.eta**2 * score * dt_b
+        return mu, self.eta * torch.sqrt(-dt)
+
+
+SDE_KERNELS = ("flow_sde", "dance_sde")
+
+
+def sde_kernel(cfg: dict) -> FlowSDE | DanceSDE:
+    """The SDE kernel a sampler config names (`kernel`: flow_sde with `noise_level`, or dance_sde with `eta`)."""
+    name = cfg.get("kernel", "flow_sde")
+    if name == "flow_sde":
+        return FlowSDE(cfg.get("noise_level", 0.7))
+    if name == "dance_sde":
+        return DanceSDE(cfg.get("eta", 0.3))
+    raise UnknownChoice("SDE kernel", name, list(SDE_KERNELS))
+
+
+class CPSSDE:
+    """Flow-GRPO's coefficient-preserving SDE (Flow-CPS, Wang & Yu 2025, arXiv 2509.05952), noise level a.
+
+    std = sigma' sin(a pi / 2); mu = (1 - sigma') x0_hat + sqrt(sigma'^2 - std^2) eps_hat with x0_hat = x - sigma v,
+    eps_hat = x + (1 - sigma) v, so x' keeps the marginal coefficients (1 - sigma') on x0 and sigma' on noise.
+    The scale is std itself (no sqrt(-dt)); it vanishes at sigma' = 0, so the last step must stay deterministic.
+    """
+
+    stochastic = True
+
+    def __init__(self, noise_level: float = 0.7):
+        self.noise_level = float(noise_level)
+
+    def mean_scale(self, x, v, sigma, sigma_next, schedule=None):
+        std = sigma_next * math.sin(self.noise_level * math.pi / 2)
+        sig_b, nxt_b, std_b = _bcast(sigma, x), _bcast(sigma_next, x), _bcast(std, x)
+        x0_hat = x - sig_b * v
+        eps_hat = x + (1 - sig_b) * v
+        mu = (1 - nxt_b) * x0_hat + torch.sqrt((nxt_b**2 - std_b**2).clamp_min(0)) * eps_hat
+        return mu, std

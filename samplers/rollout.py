@@ -71,6 +71,16 @@ class Rollout:
             out[self.parent[nodes]] = out[nodes]
         return out
 
+    def path_nodes(self, nodes: torch.Tensor) -> torch.Tensor:
+        """[len(nodes), T+1] the node at each schedule step on the path from the root to each node (-1 below it)."""
+        out = torch.full((len(nodes), len(self.schedule)), -1, dtype=torch.long, device=self.x.device)
+        rows, node = torch.arange(len(nodes), device=self.x.device), nodes
+        while len(node):
+            out[rows, self.step[node]] = node
+            node = self.parent[node]
+            rows, node = rows[node >= 0], node[node >= 0]
+        return out
+
 
 class RolloutBuilder:
     """Appends nodes level by level into preallocated-free lists, then stacks them once."""

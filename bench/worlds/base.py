@@ -22,6 +22,10 @@ class World:
         self.cache_dir = Path(cache_dir)
         self.device = torch.device(self.cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._reward: WeightedReward | None = None
+        if self.cfg.get("threads"):
+            # Small CPU models gain nothing from intra-op threads, and on a shared machine the threads'
+            # spin-waits cost up to 50x (measured on the digits MLP with other jobs running).
+            torch.set_num_threads(int(self.cfg["threads"]))
 
     # -- model -----------------------------------------------------------------------------
     def build_policy(self) -> Policy:

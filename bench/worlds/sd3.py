@@ -1,0 +1,213 @@
+"""The sd3 world: Stable Diffusion 3(.5) with LoRA, prompt files and reward models (DESIGN section 11)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.errors import UserError
+from bench.policy import PolicyCall
+from bench.prompts import PromptSet, train_eval_split
+from bench.rewards.combine import WeightedReward
+from bench.worlds import WORLDS
+from bench.worlds.base import World
+from bench.worlds.sd3_components import (load_components, load_transformer, load_transformer_config, parse_dtype,
+                                         resolve_model_path)
+from bench.worlds.sd3_policy import DEFAULT_TARGETS, SD3Policy, add_lora
+from bench.worlds.sd3_text import SD3PromptEncoder
+from bench.worlds.sd3_tiny import TINY
+from samplers.ode import ODESampler
+
+LATENT_CHANNELS = 16
+FULL_VAE_FACTOR = 8
+
+
+@WORLDS.register("sd3")
+class SD3World(World):
+    """SD3Transformer2DModel + LoRA policy; frozen VAE and text encoders; rewards from the reward registry.
+
+    `variant: tiny` swaps every component for a tiny random one (32 px, float32, offline tokenizers) so the same
+    code runs on a CPU; it ignores model_path, resolution, dtype and max_sequence_length, and uses one CPU thread
+    unless world.threads says otherwise.
+    """
+
+    name = "sd3"
+
+    def __init__(self, cfg, cache_dir):
+        cfg = dict(cfg)
+        if str(cfg.get("variant")) == "tiny" and cfg.get("threads") is None:
+            # Tiny models are overhead-bound: extra intra-op threads only spin (15x slower on 2 busy cores).
+            cfg["threads"] = 1
+        super().__init__(cfg, cache_dir)
+        self.variant = str(self.cfg.get("variant", "full"))
+        if self.variant not in ("full", "tiny"):
+            raise UserError(f"world.variant={self.variant!r}; valid: full, tiny")
+        if self.variant == "tiny":
+            for key in ("dtype", "text_dtype", "vae_dtype"):
+                self.cfg[key] = "float32"
+            self.cfg["resolution"] = TINY["resolution"]
+            self.cfg["max_sequence_length"] = TINY["max_sequence_length"]
+            factor = 2 ** (len(TINY["vae"]["block_out_channels"]) - 1)
+        else:
+            factor = FULL_VAE_FACTOR
+        self.resolution = int(self.cfg.get("resolution", 512))
+        if self.resolution % (factor * 2):
+            raise UserError(f"world.resolution={self.resolution} must be a multiple of {factor * 2} "
+                            "(VAE factor x transformer patch size)")
+        self.latent_shape = (LATENT_CHANNELS, self.resolution // factor, self.resolution // factor)
+        self.shift = float(self.cfg.get("shift", 3.0))
+        self._comps: dict[str, Any] | None = None
+        self._encoder: SD3PromptEncoder | None = None
+        self._prompts: tuple[PromptSet, PromptSet] | None = None
+        self._eval_reward: WeightedReward | None = None
+
+    @staticmethod
+    def preflight(cfg: dict[str, Any]) -> None:
+        """Before any cell runs: the full variant's weights must be found locally (UserError saying what to give)."""
+        if str(cfg.get("variant", "full")) == "full":
+            resolve_model_path(cfg.get("model_path"))
+
+    # -- components ------------------------------------------------------------------------
+    @property
+    def comps(self) -> dict[str, Any]:
+        """Frozen components (VAE, text encoders, tokenizers, scheduler), loaded once per world."""
+        if self._comps is None:
+            self._comps = load_components(self.cfg, self.device, with_transformer=False)
+        return self._comps
+
+    @property
+    def encoder(self) -> SD3PromptEncoder:
+        """The text encoders behind a per-prompt embedding cache."""
+        if self._encoder is None:
+            jad = None
+            if not bool(self.cfg.get("t5", True)):  # the zero T5 slot needs the transformer's text width
+                jad = (TINY["transformer"]["joint_attention_dim"] if self.variant == "tiny"
+                       else int(load_transformer_config(self.cfg)["joint_attention_dim"]))
+            self._encoder = SD3PromptEncoder(self.comps, self.device, int(self.cfg.get("max_sequence_length", 256)),
+                                             joint_attention_dim=jad, cache_device=self.cfg.get("embed_cache_device"))
+        return self._encoder
+
+    def build_policy(self) -> SD3Policy:
+        """A fresh base transformer with a new LoRA adapter (B = 0): trainable parameters are LoRA only."""
+        transformer = load_transformer(self.cfg)
+        lora = dict(self.cfg.get("lora") or {})
+        add_lora(transformer, r=int(lora.get("r", 32)), alpha=float(lora.get("alpha", 64)),
+                 targets=list(lora.get("targets") or DEFAULT_TARGETS),
+                 dtype=parse_dtype(lora.get("dtype", "float32"), "world.lora.dtype"), seed=lora.get("seed"))
+        transformer.to(self.device)
+        policy = SD3Policy(transformer, self.encode([""]), self.comps["scheduler"].config.num_train_timesteps,
+                           gradient_checkpointing=bool(self.cfg.get("gradient_checkpointing", False)))
+        # Eval mode throughout (training included): the transformer has no dropout, and a deterministic policy is
+        # what makes the old/new ratio exactly 1 before an update.
+        return policy.eval()
+
+    # -- prompts ---------------------------------------------------------------------------
+    @property
+    def prompt_sets(self) -> tuple[PromptSet, PromptSet]:
+        """(train, eval) prompt sets from world.prompts."""
+        if self._prompts is None:
+            self._prompts = train_eval_split(self.cfg.get("prompts") or {})
+        return self._prompts
+
+    def train_prompts(self) -> list[str]:
+        """The training prompts (sampled with replacement each iteration)."""
+        return self.prompt_sets[0].prompts
+
+    def eval_prompts(self) -> list[str]:
+        """The first world.eval.num_prompts held-out prompts."""
+        n = int(dict(self.cfg.get("eval") or {}).get("num_prompts", 16))
+        return self.prompt_sets[1].prompts[:n]
+
+    def prompt_metadata(self, prompt: str) -> dict[str, Any]:
+        """Metadata of a prompt from its JSONL line (e.g. GenEval's tag/include/exclude); {} if none."""
+        train, evals = self.prompt_sets
+        return evals.metadata.get(prompt) or train.metadata.get(prompt) or {}
+
+    def all_metadata(self) -> list[dict[str, Any]]:
+        """Metadata of every prompt (rewards check up front what they will need, e.g. GenEval colours)."""
+        train, evals = self.prompt_sets
+        return list(train.metadata.values()) + list(evals.metadata.values())
+
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """{"prompt_embeds", "pooled_prompt_embeds"} for these prompts, each prompt encoded once per world."""
+        return self.encoder(prompts)
+
+    # -- images and rewards ----------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Latents -> RGB in [0, 1] (SD3's VAE scaling and shift), in chunks of world.decode_batch."""
+        vae = self.comps["vae"]
+        sf, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+        out = []
+        for chunk in x0.split(int(self.cfg.get("decode_batch", 8))):
+            z = chunk.to(device=self.device, dtype=vae.dtype) / sf + shift
+            out.append((vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(out)
+
+    @property
+    def eval_reward_fn(self) -> WeightedReward:
+        """world.eval.reward if given, else the training reward."""
+        spec = dict(self.cfg.get("eval") or {}).get("reward")
+        if spec is None:
+            return self.reward_fn
+        if self._eval_reward is None:
+            self._eval_reward = WeightedReward(spec, self, self.cfg.get("reward_options"))
+        return self._eval_reward
+
+    # -- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: PolicyCall, out_dir: Path | None, tag: str) -> dict[str, float]:
+        """ODE samples on fixed noise for the eval prompts; eval_reward (+ one eval_reward_<name> per reward part)."""
+        ecfg = dict(self.cfg.get("eval") or {})
+        prompts = self.eval_prompts()
+        per = int(ecfg.get("samples_per_prompt", 2))
+        guidance = float(ecfg.get("guidance", 1.0))
+        sampler = ODESampler({"steps": int(ecfg.get("steps", 10)), "shift": self.shift, "guidance": guidance})
+        call = PolicyCall(model.policy, model.meter, guidance=guidance, params=model.params,
+                          detach_uncond=model.detach_uncond)
+        gen = torch.Generator().manual_seed(int(ecfg.get("noise_seed", 1234)))
+        bs = max(1, int(ecfg.get("batch_size", 8)) // per)
+        images, totals, parts = [], [], {}
+        for i in range(0, len(prompts), bs):
+            chunk = prompts[i:i + bs]
+            rollout = sampler.sample(call, chunk, self.encode(chunk), per, self.latent_shape, gen)
+            imgs = self.decode(rollout.x0)
+            leaf_prompts = [chunk[s] for s in rollout.leaf_slot.tolist()]
+            model.meter.count_reward(len(leaf_prompts))
+            total, part = self.eval_reward_fn(imgs, leaf_prompts)
+            totals.append(total.float().cpu())
+            for k, v in part.items():
+                parts.setdefault(k, []).append(v.float().cpu())
+            images.append(imgs.cpu())
+        metrics = {"eval_reward": torch.cat(totals).mean().item()}
+        if len(parts) > 1:
+            metrics.update({f"eval_reward_{k}": torch.cat(v).mean().item() for k, v in parts.items()})
+        if out_dir is not None:
+            grid_max = int(ecfg.get("grid_max", 16))
+            save_image_grid(torch.cat(images)[:grid_max], Path(out_dir) / f"eval_{tag}.png", cols=per)
+        return metrics
+
+
+def save_image_grid(images: torch.Tensor, path: Path, cols: int = 4) -> None:
+    """[N, 3, H, W] in [0, 1] -> one PNG, `cols` per row (one eval prompt's samples side by side)."""
+    n, c, h, w = images.shape
+    cols = max(1, min(cols, n))
+    if cols == 1:
+        cols = min(n, 8)
+    rows = math.ceil(n / cols)
+    canvas = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 128, dtype=np.uint8)
+    arr = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    if c == 1:
+        arr = arr.repeat(3, axis=3)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        canvas[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = arr[i]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(canvas, "RGB")
+    if h < 128:  # tiny-variant samples are 32 px: scale up so the grid is viewable
+        img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
+    img.save(path)

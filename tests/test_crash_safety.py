@@ -1,0 +1,152 @@
+"""Crash safety: a cell killed with SIGKILL at any point resumes from its last checkpoint, and its metrics.jsonl
+ends equal, row for row, to an uninterrupted run with the same seed (timing columns excluded: they are
+measurements, see tests/runner_helpers.py); torn metrics lines are ignored; stale locks are detected.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import store
+from bench.locks import CellLock, LockOwner, read_owner, stale_reason
+from runner_helpers import (ONE_CELL, TWO_CELLS, attempts, comparable, digits_cache, metrics, popen,  # noqa: F401
+                            results_dir, run_runner, start_runner, status)
+
+
+def test_sigkill_anywhere_resumes_to_identical_metrics(tmp_path: Path, digits_cache: Path) -> None:
+    # 6 iterations; evals at 2, 4, 6 and checkpoints at 2, 3, 4, 6, so some kills land between checkpoints.
+    args = [*ONE_CELL, "budget.iterations=6", "eval.every=2", "checkpoint.every=3"]
+    ref_dir = results_dir(tmp_path / "ref", digits_cache)
+    assert run_runner([*args, f"results_dir={ref_dir}"]) == 0
+    reference = metrics(ref_dir / "smoke" / "elbo-ode-seed0")
+    assert [r["iteration"] for r in reference] == list(range(7))
+
+    res = results_dir(tmp_path / "killed", digits_cache)
+    cell = res / "smoke" / "elbo-ode-seed0"
+    victim_args = [*args, f"results_dir={res}"]
+    # Each kill resumes from the checkpoint the previous one left: none, 3, 4, 4, 4.
+    kills = [("mid_metrics_write", 5),    # torn row of iteration 4; last checkpoint: 3
+             ("after_metrics_write", 2),  # row of iteration 5 on disk, no checkpoint at 5
+             ("mid_checkpoint", 1),       # half-written temp checkpoint at iteration 6
+             ("mid_truncate", 1)]         # killed while truncating metrics on resume
+    for point, nth in kills:
+        assert run_runner(victim_args, fault=(point, nth)) == -signal.SIGKILL, point
+        rows = metrics(cell)
+        assert [r["iteration"] for r in rows] == list(range(len(rows))), f"{point}: rows out of order or duplicated"
+        assert status(cell) == "running"
+        assert json.loads((cell / store.LOCK_FILE).read_text())["pid"] > 0  # the dead runner's lock is left behind
+    # A kill at a random moment: any phase of an iteration, an eval, a checkpoint, or the report at the end.
+    proc = start_runner(victim_args)
+    time.sleep(random.Random().uniform(0.2, 2.0))
+    proc.kill()
+    proc.join()
+    assert run_runner(victim_args) == 0
+
+    resumed = metrics(cell)
+    assert [r["iteration"] for r in resumed] == [r["iteration"] for r in reference]
+    assert comparable(resumed) == comparable(reference)
+    assert (cell / "metrics.jsonl").read_text().endswith("\n")
+    assert status(cell) == "done" and not (cell / store.LOCK_FILE).exists()
+    assert not list(cell.rglob(".*.tmp")), "temp files of killed writers are cleaned up"
+    runs = attempts(cell)
+    assert len(runs) >= 5 and all(r["resume"] for r in runs[1:5])
+    assert all("not running" in r["took_over"] or "zombie" in r["took_over"] for r in runs[1:] if r["took_over"])
+
+
+def test_random_sigkills_resume_to_identical_metrics(tmp_path: Path, digits_cache: Path) -> None:
+    """Kills at random moments, several in a row, on the two-estimator grid (stepwise and elbo)."""
+    args = [*TWO_CELLS, "budget.iterations=4", "eval.every=2", "checkpoint.every=3"]
+    ref_dir = results_dir(tmp_path / "ref", digits_cache)
+    assert run_runner([*args, f"results_dir={ref_dir}"]) == 0
+    res = results_dir(tmp_path / "killed", digits_cache)
+    rng = random.Random()
+    for _ in range(2):
+        proc = start_runner([*args, f"results_dir={res}"])
+        time.sleep(rng.uniform(0.3, 3.0))
+        proc.kill()
+        proc.join()
+    assert run_runner([*args, f"results_dir={res}"]) == 0
+    for cell in ("stepwise-flow_sde-seed0", "elbo-flow_sde-seed0"):
+        assert comparable(metrics(res / "smoke" / cell)) == comparable(metrics(ref_dir / "smoke" / cell)), cell
+
+
+def test_torn_last_line_is_ignored(tmp_path: Path) -> None:
+    store.append_metrics(tmp_path, {"iteration": 0, "x": 1.0})
+    store.append_metrics(tmp_path, {"iteration": 1, "x": float("nan")})
+    with open(tmp_path / store.METRICS_FILE, "a") as f:
+        f.write('{"iteration": 2}')  # complete JSON, but no newline yet: still in flight
+    assert [r["iteration"] for r in store.read_metrics(tmp_path)] == [0, 1]
+    assert store.read_metrics(tmp_path)[1]["x"] == "nan"
+    with open(tmp_path / store.METRICS_FILE, "a") as f:
+        f.write('\n{"iteration": 3, "x"')
+    assert [r["iteration"] for r in store.read_metrics(tmp_path)] == [0, 1, 2]
+    store.truncate_metrics(tmp_path, 1)
+    assert (tmp_path / store.METRICS_FILE).read_text().count("\n") == 2
+
+
+def test_atomic_write_leaves_old_file_on_error(tmp_path: Path) -> None:
+    path = tmp_path / "a.txt"
+    store.atomic_write_text(path, "old")
+    with pytest.raises(RuntimeError):
+        with store.atomic_path(path) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_stale_lock_of_dead_process_is_detected_and_broken(tmp_path: Path) -> None:
+    proc = popen(["-c", "import time; time.sleep(60)"])
+    try:
+        owner = LockOwner.me()
+        owner.pid, owner.proc_start = proc.pid, None
+        path = tmp_path / store.LOCK_FILE
+        path.write_text(json.dumps(owner.__dict__))
+        lock = CellLock(path)
+        assert stale_reason(path, read_owner(path)[0], 600) is None
+        assert not lock.acquire(), "a live owner keeps its lock"
+        proc.kill()
+        proc.wait()
+        assert "not running" in stale_reason(path, read_owner(path)[0], 600)
+        assert lock.acquire() and "not running" in lock.broke
+        assert read_owner(path)[0].pid == os.getpid()
+        assert not CellLock(path).acquire(), "this process holds it now"
+        lock.release()
+        assert not path.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_zombie_owner_and_foreign_host_staleness(tmp_path: Path) -> None:
+    path = tmp_path / store.LOCK_FILE
+    proc = popen(["-c", "pass"])
+    while proc.poll() is None:  # poll() reaps it: wait for the exit without reaping
+        time.sleep(0.05)
+    owner = LockOwner.me()
+    owner.pid, owner.proc_start = proc.pid, None
+    path.write_text(json.dumps(owner.__dict__))
+    assert stale_reason(path, read_owner(path)[0], 600) is not None
+    owner.host = "some-other-node"  # its pid cannot be checked from here: only the heartbeat age counts
+    path.write_text(json.dumps(owner.__dict__))
+    assert stale_reason(path, read_owner(path)[0], 600) is None
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    assert "no heartbeat" in stale_reason(path, read_owner(path)[0], 600)
+
+
+def test_requeued_slurm_job_takes_its_lock_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / store.LOCK_FILE
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    owner = LockOwner.me()
+    owner.host, owner.pid = "node-a", 1  # the first incarnation ran on another node
+    path.write_text(json.dumps(owner.__dict__))
+    assert stale_reason(path, read_owner(path)[0], 600) is None
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert "requeued" in stale_reason(path, read_owner(path)[0], 600)
