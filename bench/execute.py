@@ -16,9 +16,10 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from omegaconf import DictConfig
 
@@ -98,6 +99,30 @@ def evaluate_base(cell: Cell, grid_dir: Path) -> dict[str, Any]:
     return metrics
 
 
+@contextmanager
+def claimed(cell: Cell, grid_dir: Path, **attempt: Any) -> Iterator[CellLock | str]:
+    """Yield the cell's held lock, or the outcome ("done", "locked") when there is nothing for us to run."""
+    cell_dir = Path(grid_dir) / cell.name
+    if store.read_status(cell_dir)["status"] == "done":
+        yield "done"
+        return
+    lock = make_lock(cell.cfg, cell_dir)
+    if not lock.acquire():
+        yield "locked"
+        return
+    try:
+        # Read again under the lock: another runner may have finished it since the check above.
+        if store.read_status(cell_dir)["status"] == "done":
+            yield "done"
+            return
+        store.remove_stale_temps(cell_dir)
+        store.record_attempt(cell_dir, resume=(cell_dir / store.CHECKPOINT_FILE).exists(),
+                             job_id=lock.owner.job_id if lock.owner else None, took_over=lock.broke, **attempt)
+        yield lock
+    finally:
+        lock.release()
+
+
 def run_cell(cell: Cell, grid_dir: Path, position: int = 1) -> str:
     """Train (or resume) one cell under its lock, recording done/failed; an error here never touches another
     cell's folder."""
@@ -105,18 +130,9 @@ def run_cell(cell: Cell, grid_dir: Path, position: int = 1) -> str:
     from bench.train import train_cell
 
     cell_dir = Path(grid_dir) / cell.name
-    if store.read_status(cell_dir)["status"] == "done":
-        return "done"
-    lock = make_lock(cell.cfg, cell_dir)
-    if not lock.acquire():
-        return "locked"
-    try:
-        # Read again under the lock: another runner may have finished it since the check above.
-        if store.read_status(cell_dir)["status"] == "done":
-            return "done"
-        store.remove_stale_temps(cell_dir)
-        store.record_attempt(cell_dir, resume=(cell_dir / store.CHECKPOINT_FILE).exists(),
-                             job_id=lock.owner.job_id if lock.owner else None, took_over=lock.broke)
+    with claimed(cell, grid_dir) as lock:
+        if isinstance(lock, str):
+            return lock
         store.atomic_write_text(cell_dir / store.CONFIG_FILE, resolved_yaml(cell.cfg))
         store.write_status(cell_dir, "running")
         logger = open_logger(cell.cfg, cell_dir, cell.name, cell.method)
@@ -139,8 +155,6 @@ def run_cell(cell: Cell, grid_dir: Path, position: int = 1) -> str:
             return "lost"
         store.write_status(cell_dir, "done")
         return "done"
-    finally:
-        lock.release()
 
 
 def _free_port() -> int:
@@ -161,17 +175,9 @@ def run_cell_data_parallel(cell: Cell, grid_dir: Path, processes: int) -> str:
     """Train one cell on `processes` ranks started by `accelerate launch` (bench/distributed.py: sharded prompts,
     averaged gradients, rank 0 writes) while this process holds the cell's lock and watches them."""
     cell_dir = Path(grid_dir) / cell.name
-    if store.read_status(cell_dir)["status"] == "done":
-        return "done"
-    lock = make_lock(cell.cfg, cell_dir)
-    if not lock.acquire():
-        return "locked"
-    try:
-        if store.read_status(cell_dir)["status"] == "done":
-            return "done"
-        store.remove_stale_temps(cell_dir)
-        store.record_attempt(cell_dir, resume=(cell_dir / store.CHECKPOINT_FILE).exists(),
-                             job_id=lock.owner.job_id if lock.owner else None, took_over=lock.broke, processes=processes)
+    with claimed(cell, grid_dir, processes=processes) as lock:
+        if isinstance(lock, str):
+            return lock
         with tempfile.TemporaryDirectory(prefix="bench-cell-") as tmp:
             payload = Path(tmp) / "task.pkl"
             payload.write_bytes(pickle.dumps(Task("cell", cell)))
@@ -197,8 +203,6 @@ def run_cell_data_parallel(cell: Cell, grid_dir: Path, processes: int) -> str:
             store.write_status(cell_dir, "failed", error=f"data-parallel launch over {processes} processes exited "
                                                          f"with {rc} (status was {status['status']})")
         return "done" if rc == 0 and status["status"] == "done" else "failed"
-    finally:
-        lock.release()
 
 
 def _data_parallel_rank(payload: Path, grid_dir: Path) -> int:

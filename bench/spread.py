@@ -63,8 +63,27 @@ def factor_spread(values: pd.DataFrame, axis_x: str, axis_y: str, seed: int = 0)
     rng = np.random.default_rng(seed)
     boot = np.array([stats({k: rng.choice(v, len(v)) for k, v in cells.items()}) for _ in range(N_BOOT)])
     lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
-    return {"x_levels": xs, "y_levels": ys, "point": point, "lo": lo, "hi": hi,
+    return {"x_levels": xs, "y_levels": ys, "point": point, "lo": lo, "hi": hi, "boot": boot,
             "within_y": {y: s for y, s in zip(ys, _spreads(cells, 0, xs, ys))}}
+
+
+def stratified_factor_spread(values: pd.DataFrame, axis_x: str, axis_y: str, strata: list[str], seed: int = 0) -> dict:
+    """factor_spread within each combination of the grid's other axes, averaged over the strata where both axes
+    vary: comparing x and y only inside a stratum keeps a third axis (e.g. a sampler that only one estimator can
+    use) from leaking into either spread."""
+    groups = values.groupby(strata, sort=True) if strata else [((), values)]
+    results = {}
+    for key, g in groups:
+        res = factor_spread(g, axis_x, axis_y, seed)
+        if res:
+            results[key if isinstance(key, tuple) else (key,)] = res
+    if not results:
+        return {}
+    point = np.mean([r["point"] for r in results.values()], axis=0)
+    # Strata are bootstrapped independently, so the mean of their replicates is a replicate of the mean.
+    boot = np.mean([r["boot"] for r in results.values()], axis=0)
+    lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+    return {"point": point, "lo": lo, "hi": hi, "strata": {k: (r["x_levels"], r["y_levels"]) for k, r in results.items()}}
 
 
 def _within(values: pd.DataFrame, axis: str, other: str, seed: int = 0) -> list[tuple[str, float, float, float, int]]:
@@ -97,28 +116,39 @@ def spread_section(df: pd.DataFrame, seeds: pd.DataFrame, metric: str) -> list[s
              "Does one factor move the result more than another? For each pair of axes: the range (max - min) of the "
              "per-level means of one axis, within each level of the other, averaged over those levels; and the same "
              "the other way round, over the levels present in every combination (a level missing somewhere, e.g. "
-             "an objective skipped under one estimator, is left out here and shown in the per-level table). 95% CIs "
+             "an objective skipped under one estimator, is left out here and shown in the per-level table), inside each "
+             "combination of the remaining axes so that no third factor is confounded with either. 95% CIs "
              "from a bootstrap over seeds within each cell; 'larger' needs the CI of the difference to exclude 0. "
              "With 3 seeds a range is biased upwards by seed noise, equally for both factors.", ""]
     for ax, ay in itertools.combinations(axes, 2):
         nx, ny = ax[5:], ay[5:]
-        lines += [f"| quantity | spread across {nx} [95% CI] | spread across {ny} [95% CI] | "
-                  f"{ny} minus {nx} [95% CI] | verdict |", "|---|---|---|---|---|"]
-        per_level = []
+        others = [a for a in axes if a not in (ax, ay)]
+        rows, per_level, strata = [], [], {}
         for label, series in quantities.items():
-            vals = seeds[["cell", ax, ay]].assign(value=seeds.cell.map(series)).dropna()
-            res = factor_spread(vals.rename(columns={ax: "x", ay: "y"}), "x", "y")
+            vals = seeds[["cell", ax, ay, *others]].assign(value=seeds.cell.map(series)).dropna()
+            res = stratified_factor_spread(vals.rename(columns={ax: "x", ay: "y"}), "x", "y", others)
             if not res:
                 continue
+            strata = res["strata"]
             (sx, sy, d), lo, hi = res["point"], res["lo"], res["hi"]
             verdict = (f"{ny} spreads more" if lo[2] > 0 else f"{nx} spreads more" if hi[2] < 0
                        else "not distinguishable")
-            lines.append(f"| {label} | {_num(sx)} [{_num(lo[0])}, {_num(hi[0])}] | {_num(sy)} [{_num(lo[1])}, "
-                         f"{_num(hi[1])}] | {_num(d, True)} [{_num(lo[2], True)}, {_num(hi[2], True)}] | {verdict} |")
+            rows.append(f"| {label} | {_num(sx)} [{_num(lo[0])}, {_num(hi[0])}] | {_num(sy)} [{_num(lo[1])}, "
+                        f"{_num(hi[1])}] | {_num(d, True)} [{_num(lo[2], True)}, {_num(hi[2], True)}] | {verdict} |")
             per_level += [(label, f"{nx} within {ny}={lvl}", p, a, b, n) for lvl, p, a, b, n in _within(vals, ax, ay)]
             per_level += [(label, f"{ny} within {nx}={lvl}", p, a, b, n) for lvl, p, a, b, n in _within(vals, ay, ax)]
-        lines += ["", f"Levels compared: {nx} over {', '.join(map(str, res['x_levels']))}; {ny} over "
-                  f"{', '.join(map(str, res['y_levels']))}." if res else "", "",
-                  "| quantity | range | value [95% CI] | levels |", "|---|---|---|---|"]
+        if not rows:
+            lines += [f"**{nx} vs {ny}**: not crossed in any stratum of the other axes, so not compared.", ""]
+            continue
+        where = "; ".join((", ".join(f"{o[5:]}={v}" for o, v in zip(others, k)) + ": " if others else "")
+                          + f"{nx} over {', '.join(map(str, xs))}, {ny} over {', '.join(map(str, ys))}"
+                          for k, (xs, ys) in strata.items())
+        lines += [f"**{nx} vs {ny}**", "",
+                  f"| quantity | spread across {nx} [95% CI] | spread across {ny} [95% CI] | "
+                  f"{ny} minus {nx} [95% CI] | verdict |", "|---|---|---|---|---|", *rows, "",
+                  f"Levels compared ({'per stratum of ' + ', '.join(o[5:] for o in others) if others else 'all runs'}): "
+                  f"{where}.", "",
+                  "| quantity | range (pooled over the other axes) | value [95% CI] | levels |", "|---|---|---|---|"]
         lines += [f"| {q} | {r} | {_num(p)} [{_num(a)}, {_num(b)}] | {n} |" for q, r, p, a, b, n in per_level]
+        lines.append("")
     return lines
