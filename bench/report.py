@@ -54,6 +54,29 @@ def per_seed_table(df: pd.DataFrame, metric: str, threshold: float) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
+HACKING_COLUMNS = ("eval_reward", "eval_accuracy", "eval_heldout_accuracy", "eval_nearest_real")
+
+
+def hacking_signs(final: dict[str, float], base: pd.Series) -> list[str]:
+    """Ways a method's final means diverge from the detectors, relative to the base model (digits detectors;
+    a world without them yields none). Each sign alone is a warning, not a verdict."""
+    def get(d, k):
+        v = d.get(k) if isinstance(d, dict) else getattr(d, k, None)
+        return float(v) if v is not None and math.isfinite(float(v)) else None
+
+    r, acc, held, near = (get(final, k) for k in HACKING_COLUMNS)
+    r0, acc0, held0, near0 = (get(base, k) for k in HACKING_COLUMNS)
+    signs = []
+    if None not in (r, r0, held, held0) and r > r0 + 0.02 and held < held0 - 0.02:
+        signs.append(f"reward up ({r0:.2f} -> {r:.2f}) while the held-out judge fell ({held0:.2f} -> {held:.2f})")
+    if None not in (acc, acc0, held, held0) and (acc - held) > (acc0 - held0) + 0.15:
+        signs.append(f"the reward judge accepts what the held-out judge rejects (accuracy {acc:.2f} vs held-out "
+                     f"{held:.2f}; base gap {acc0 - held0:+.2f})")
+    if None not in (r, r0, near, near0) and r > r0 + 0.02 and near > 1.15 * near0:
+        signs.append(f"samples drift from real digits (nearest-real distance {near0:.2f} -> {near:.2f})")
+    return signs
+
+
 def method_table(seeds: pd.DataFrame, base: pd.Series | None, baseline: str | None) -> pd.DataFrame:
     rows = []
     base_nfe = base_h = float("nan")
@@ -73,9 +96,8 @@ def method_table(seeds: pd.DataFrame, base: pd.Series | None, baseline: str | No
         if base is not None:
             acc_lo = row["eval_accuracy"][1]
             row["improved"] = "yes" if acc_lo > base.eval_accuracy else "no (CI overlaps base)" if row["eval_accuracy"][0] > base.eval_accuracy else "no"
-            hacked = (row["eval_reward"][0] > base.eval_reward + 0.02 and
-                      row["eval_heldout_accuracy"][0] < base.eval_heldout_accuracy - 0.02)
-            row["hacking"] = "REWARD HACKING: reward up, held-out judge down" if hacked else ""
+            signs = hacking_signs({c: row[c][0] for c in HACKING_COLUMNS}, base)
+            row["hacking"] = "possible reward hacking: " + "; ".join(signs) if signs else ""
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -337,8 +359,10 @@ def render_report(df: pd.DataFrame, grid_cfg: dict, title: str, grid_dir: Path |
         if hacks:
             out += [f"- `{r.method}`: {r.hacking}" for r in hacks]
         else:
-            out.append("No method raised its reward while the held-out judge's accuracy fell by more than 0.02 "
-                       "(watch nearest-real distance and diversity too).")
+            out.append("No method shows a sign of reward hacking: none raised its reward while the held-out judge's "
+                       "accuracy fell by more than 0.02, none opened a gap of more than 0.15 between the reward judge's "
+                       "and the held-out judge's accuracy beyond the base model's, and none moved its samples more "
+                       "than 15% further from the nearest real digit (diversity is in the table above).")
         out += ["", "## Ablation by factor", *axis_ablation(seeds, metric)]
         out += spread_section(df, seeds, metric)
         out += statistics_section(seeds, baseline, metric)

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from bench import distributed, store
 from bench.components import plain, validate_cell
 from bench.config import group_options, split_override
-from bench.errors import UserError
+from bench.errors import NonFiniteLoss, UserError
 from bench.execute import Task, evaluate_base, read_base_metrics, run_cell  # noqa: F401 (public: bench.run.run_cell)
 from bench.grid import Cell, expand_grid, mark_invalid
 from bench.launchers import build_launcher, check_launcher, drive
@@ -111,11 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     results.pop("base", None)
     report = finish(grid_name, base, cells, grid_dir, read_base_metrics(grid_dir))
-    failed = [n for n, s in results.items() if s == "failed"]
+    failed = {n: store.read_status(grid_dir / n).get("error") or "" for n, s in results.items() if s == "failed"}
     print(f"{len(valid) - len(failed)} cells done, {len(failed)} failed, {len(skipped)} skipped -> {report}")
-    for name in failed:
-        print(f"  failed {name}: {store.read_status(grid_dir / name).get('error')}")
-    return 1 if failed else 0
+    for name, error in failed.items():
+        print(f"  failed {name}: {error}")
+    # A diverged cell (non-finite loss) is a result of the benchmark, reported like any other; a cell that
+    # crashed for any other reason is a bug or a broken setup, and the exit code says so.
+    crashed = [n for n, e in failed.items() if not e.startswith(NonFiniteLoss.__name__)]
+    return 1 if crashed else 0
 
 
 if __name__ == "__main__":
