@@ -135,13 +135,12 @@ def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1,
         # 4. Policy update: epochs x minibatches optimizer steps against a fixed old policy.
         old_params = ema_params if ema_params is not None else policy.snapshot()
         is_sampling = ema_params is None
-        n_updates = int(cfg.train.epochs) * int(cfg.train.minibatches)
         stats_acc: dict[str, list[float]] = {}
         with meter.phase("train"):
-            logp_old_all = None
-            # Objectives on noised samples (nft, awm) need v_old per minibatch, never a precomputed logp_old.
-            if (n_updates > 1 or not is_sampling) and not m.objective.on_noised_samples:
-                logp_old_all = m.estimator.old_logp(model.with_params(old_params), rollout, units, draws, gen, is_sampling)
+            # log pi_old per unit, filled on first use: the units of the first minibatch take the current policy's
+            # own value (it *is* the sampling policy then), so only later minibatches pay old-policy forwards.
+            logp_old_all = torch.full((len(units),), float("nan"), device=units.device)
+            known = torch.zeros(len(units), dtype=torch.bool, device=units.device)
             groups = m.estimator.unit_groups(rollout, units)
             stepped = False
             for _ in range(int(cfg.train.epochs)):
@@ -149,13 +148,20 @@ def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1,
                     est = m.estimator.estimate(model, rollout, units[mb], {k: v[mb] for k, v in draws.items()})
                     # Before the first optimizer step the current policy *is* the sampling policy: reuse its value
                     # exactly (a stored or batch-recomputed value differs in the last bits), so the ratio is 1.
-                    fresh = (logp_old_all is None and not m.objective.on_noised_samples) or (is_sampling and not stepped)
-                    if m.objective.on_noised_samples:
+                    fresh = is_sampling and not stepped
+                    if m.objective.on_noised_samples:  # nft, awm: v_old per minibatch, no log-likelihood
                         model_old = None if fresh else model.with_params(old_params)
                         loss, stats = m.objective.sample_loss(est, rollout.x[units[mb]], adv[mb], model_old)
                     else:
-                        logp_old = est.logp.detach() if fresh else logp_old_all[mb]
-                        loss, stats = m.objective.loss(est.logp, logp_old, adv[mb])
+                        if fresh:
+                            logp_old_all[mb], known[mb] = est.logp.detach(), True
+                        missing = mb[~known[mb]]
+                        if len(missing):
+                            logp_old_all[missing] = m.estimator.old_logp(
+                                model.with_params(old_params), rollout, units[missing],
+                                {k: v[missing] for k, v in draws.items()}, gen, is_sampling)
+                            known[missing] = True
+                        loss, stats = m.objective.loss(est.logp, logp_old_all[mb], adv[mb])
                     if cfg.train.kl_coef:
                         kl = kl_penalty(cfg.train.get("kl_type", "velocity"), est, model.with_params(ref_params),
                                         rollout, units[mb])
