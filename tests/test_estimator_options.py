@@ -11,6 +11,7 @@ from estimators import ESTIMATORS
 from samplers import SAMPLERS
 from samplers.kernels import CPSSDE
 from samplers.rollout import ODE, SDE
+from test_estimators import check_stepwise_against_torch_normal
 
 
 def _rollout(policy, meter, sampler="ode", steps=5, group=3):
@@ -101,16 +102,7 @@ def test_cps_sampler_and_stepwise_estimator(tiny_policy, meter):
     r = _rollout(tiny_policy, meter, sampler="cps_sde", steps=4, group=2)
     last = r.step == 4
     assert (r.kind[last] == ODE).all() and (r.kind[(r.step > 0) & ~last] == SDE).all()
-    est = ESTIMATORS.get("stepwise")({"reduce": "mean"})
-    units = est.units(r)
-    with meter.phase("train"), torch.no_grad():
-        out = est.estimate(PolicyCall(tiny_policy, meter), r, units, {})
-    parents = r.parent[units]
-    v = tiny_policy.velocity(r.x[parents], r.t[parents], r.node_cond(parents))
-    mu, s = r.kernel.mean_scale(r.x[parents], v, r.t[parents], r.t[units], r.schedule)
-    ref = torch.distributions.Normal(mu, s[:, None]).log_prob(r.x[units]).mean(1)
-    torch.testing.assert_close(out.logp, ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(r.logp_old[units] / 64, ref, rtol=0, atol=1e-5)
+    check_stepwise_against_torch_normal(tiny_policy, meter, r, stored_atol=1e-5)
 
 
 def test_exact_weighting_recovers_the_log_ratio_of_gaussian_flows(meter):

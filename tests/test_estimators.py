@@ -17,21 +17,27 @@ def _rollout(policy, meter, name="flow_sde", group=4):
                               torch.Generator().manual_seed(0))
 
 
-def test_stepwise_logp_equals_torch_normal(tiny_policy, meter):
-    r = _rollout(tiny_policy, meter)
+def check_stepwise_against_torch_normal(policy, meter, r, stored_atol: float):
+    """The stepwise estimate equals torch's Normal log-prob (mean over dims) at the recomputed means, and the
+    log-density stored while sampling (summed over dims) agrees with it. Returns (units, reference)."""
     est = ESTIMATORS.get("stepwise")({"reduce": "mean"})
     units = est.units(r)
     with meter.phase("train"), torch.no_grad():
-        out = est.estimate(PolicyCall(tiny_policy, meter), r, units, {})
+        out = est.estimate(PolicyCall(policy, meter), r, units, {})
     parents = r.parent[units]
-    v = tiny_policy.velocity(r.x[parents], r.t[parents], r.node_cond(parents))
+    v = policy.velocity(r.x[parents], r.t[parents], r.node_cond(parents))
     mu, s = r.kernel.mean_scale(r.x[parents], v, r.t[parents], r.t[units], r.schedule)
     ref = torch.distributions.Normal(mu, s[:, None]).log_prob(r.x[units]).mean(1)
     torch.testing.assert_close(out.logp, ref, rtol=1e-6, atol=1e-6)
-    # The log-density stored while sampling (summed over dims) agrees with the recomputation. They are
-    # evaluated in different batch compositions (all chains per step vs all units at once), which can
-    # change the last bits of the matmul, hence a tolerance instead of equality.
-    torch.testing.assert_close(r.logp_old[units] / 64, ref, rtol=0, atol=1e-6)
+    # Stored and recomputed values are evaluated in different batch compositions (all chains per step vs all
+    # units at once), which can change the last bits of the matmul, hence a tolerance instead of equality.
+    torch.testing.assert_close(r.logp_old[units] / 64, ref, rtol=0, atol=stored_atol)
+    return units, ref
+
+
+def test_stepwise_logp_equals_torch_normal(tiny_policy, meter):
+    r = _rollout(tiny_policy, meter)
+    units, ref = check_stepwise_against_torch_normal(tiny_policy, meter, r, stored_atol=1e-6)
     summed = ESTIMATORS.get("stepwise")({"reduce": "sum"})
     with meter.phase("train"), torch.no_grad():
         torch.testing.assert_close(summed.estimate(PolicyCall(tiny_policy, meter), r, units, {}).logp, ref * 64,
