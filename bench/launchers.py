@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from bench import store
 from bench.errors import UserError
 from bench.execute import SETTLED, Task, base_metrics_path, make_lock, run_task, task_dir
+from bench.lifeline import die_with_parent
 
 LAUNCHERS = ("local", "parallel", "slurm")
 
@@ -47,6 +48,9 @@ def _guarded(task: Task, grid_dir: Path, position: int = 1) -> str:
     try:
         return run_task(task, grid_dir, position)
     except Exception as e:
+        full = store.disk_full(e, task_dir(task, grid_dir))
+        if full is not None:  # every unit would fail the same way: stop the run (bench.run exits 3)
+            raise full from e
         print(f"error running {task.name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return "lost"
 
@@ -66,7 +70,9 @@ class LocalLauncher:
         return out
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, runner: int) -> None:
+    # A worker dies with its runner: a runner killed with SIGKILL must not leave workers taking queued cells.
+    die_with_parent(runner)
     # Each worker gets cores // workers threads for torch and for numpy's BLAS (the judges), so workers x threads
     # never exceeds the cores: oversubscribed OpenMP pools spin and slow every worker down.
     import torch
@@ -74,6 +80,17 @@ def _init_worker(threads: int) -> None:
 
     torch.set_num_threads(threads)
     threadpool_limits(threads)
+
+
+def _stop(workers: list[multiprocessing.process.BaseProcess], grace_s: float = 10.0) -> None:
+    for w in workers:
+        w.terminate()
+    deadline = time.monotonic() + grace_s
+    for w in workers:
+        w.join(max(0.0, deadline - time.monotonic()))
+        if w.is_alive():
+            w.kill()
+            w.join()
 
 
 class ParallelLauncher:
@@ -94,21 +111,27 @@ class ParallelLauncher:
         workers = min(self.workers, len(cells))
         print(f"launcher=parallel: {len(cells)} cell(s) on {workers} worker(s) x {self.threads} thread(s)", flush=True)
         start = time.perf_counter()
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(self.threads,)) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(self.threads, os.getpid()))
+        try:
             futures = {pool.submit(_guarded, t, grid_dir, 1 + i % workers): t for i, t in enumerate(cells)}
-            try:
-                for k, f in enumerate(as_completed(futures), 1):
-                    t = futures[f]
-                    try:
-                        out[t.name] = f.result()
-                    except Exception as e:  # the worker process died (killed, out of memory)
-                        print(f"worker running {t.name} died: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                        out[t.name] = "lost"
-                    print(f"[{k}/{len(cells)}] {t.name}: {out[t.name]} ({time.perf_counter() - start:.0f} s)", flush=True)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+            for k, f in enumerate(as_completed(futures), 1):
+                t = futures[f]
+                try:
+                    out[t.name] = f.result()
+                except store.DiskFull:
+                    raise
+                except Exception as e:  # the worker process died (killed, out of memory)
+                    print(f"worker running {t.name} died: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                    out[t.name] = "lost"
+                print(f"[{k}/{len(cells)}] {t.name}: {out[t.name]} ({time.perf_counter() - start:.0f} s)", flush=True)
+        except BaseException:
+            # Ctrl-C, a full disk: stop the workers now rather than after their cells (each resumes from its
+            # checkpoint on the next run, as after a kill).
+            pool.shutdown(wait=False, cancel_futures=True)
+            _stop(multiprocessing.active_children())
+            raise
+        pool.shutdown(wait=True)
         return out
 
 

@@ -2,28 +2,73 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Any, TypeVar
 
 from bench.errors import UserError
+from bench.locks import CellLock
+from bench.statefile import CorruptStateFile, load_state, save_state
 
-STATUS_FILE, METRICS_FILE, CHECKPOINT_FILE, CONFIG_FILE = "status.json", "metrics.jsonl", "checkpoint.pt", "config.yaml"
+STATUS_FILE, METRICS_FILE, CONFIG_FILE = "status.json", "metrics.jsonl", "config.yaml"
 LOCK_FILE, RUNS_FILE, VERSION_FILE = "lock", "runs.jsonl", "VERSION"
+T = TypeVar("T")
 
 # The layout of results/<grid>/ (file names, metrics.jsonl rows, status values). Bump it when a change would make
 # an older runner or report misread a folder; folders without a VERSION file were written by the foundation
 # runner, whose layout is format 1.
 RESULTS_FORMAT = 1
+
+
+# A full disk (or quota) is no fault of a cell: the run stops with one line (DiskFull, exit code 3 in bench.run)
+# and every cell stays resumable, since each file is replaced atomically or appended whole.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class DiskFull(Exception):
+    """No space left (or over quota) while writing `path`; pickles (a worker's error reaches its runner)."""
+
+    def __init__(self, path: str, reason: str = "No space left on device"):
+        super().__init__(str(path), reason)
+        self.path, self.reason = str(path), reason
+
+    def __str__(self) -> str:
+        return f"disk full writing '{self.path}' ({self.reason}); free space and rerun the same command to resume"
+
+
+def disk_full(e: BaseException, where: Path | str | None = None) -> DiskFull | None:
+    """The DiskFull that `e` is or was caused by (a raw ENOSPC/EDQUOT OSError names its file, else `where`)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, DiskFull):
+            return cur
+        if isinstance(cur, OSError) and cur.errno in _FULL_ERRNOS:
+            return DiskFull(cur.filename or where or "the results folder", cur.strerror or os.strerror(cur.errno))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+@contextlib.contextmanager
+def naming_full_disk(path: Path | str) -> Iterator[None]:
+    """Re-raise a full-disk OSError inside the block as DiskFull naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        full = disk_full(e, path)
+        if full is None:
+            raise
+        raise full from e
 
 
 def _tmp_name(path: Path) -> Path:
@@ -52,10 +97,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with naming_full_disk(path):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
@@ -75,6 +121,30 @@ def remove_stale_temps(folder: Path) -> int:
         tmp.unlink(missing_ok=True)
         n += 1
     return n
+
+
+def cached(path: Path, load: Callable[[Path], T], build: Callable[[], T], save: Callable[[T, Path], None],
+           echo: Callable[[str], None] | None = None) -> T:
+    """The object cached at `path` (results/cache/: pretrained models, judges), built and saved atomically when
+    missing; a file that does not load (torn, corrupt, from an incompatible version) is named in one line and
+    rebuilt in its place."""
+    path = Path(path)
+    if path.exists():
+        try:
+            return load(path)
+        except MemoryError:
+            raise
+        except Exception as e:  # unpickling and torch.load raise many types for a damaged file
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            (echo or _warn)(f"warning: cache file '{path}' does not load ({type(e).__name__}: {first}); rebuilding it")
+    obj = build()
+    with atomic_path(path) as tmp:
+        save(obj, tmp)
+    return obj
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def bench_version() -> str:
@@ -134,24 +204,53 @@ def write_status(cell_dir: Path, status: str, **extra: Any) -> None:
     atomic_write_text(Path(cell_dir) / STATUS_FILE, json.dumps({"status": status, **extra}, indent=1))
 
 
+def note_interrupted(cell_dir: Path, reason: str) -> None:
+    """Best effort: status "interrupted" with why (on a full disk this write may fail too; a rerun resumes the
+    cell either way, its lock being stale)."""
+    try:
+        write_status(cell_dir, "interrupted", error=reason)
+    except (DiskFull, OSError):
+        pass
+
+
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)  # JSON has no NaN/inf; keep them visible as strings
     return v
 
 
+def _drop_torn_tail(fd: int) -> None:
+    """Cut a last line without its newline (a writer killed mid-line, or a disk that filled up): appended to, it
+    would garble the next row. Callers append under the cell's lock, so no live writer owns that piece."""
+    size = os.fstat(fd).st_size
+    if not size or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    end = size
+    while end > 0:
+        start = max(0, end - 65536)
+        cut = os.pread(fd, end - start, start).rfind(b"\n")
+        if cut >= 0:
+            os.ftruncate(fd, start + cut + 1)
+            return
+        end = start
+    os.ftruncate(fd, 0)
+
+
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
     """Append one JSON line with a single write(2) on an O_APPEND descriptor, then fsync: the line is on disk
-    when this returns, and a crash loses at most the line in flight (left torn, without its newline)."""
+    when this returns, and a crash loses at most the line in flight (left torn, without its newline, and cut by
+    the next append)."""
     data = (json.dumps({k: _clean(v) for k, v in row.items()}) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with naming_full_disk(path):
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            _drop_torn_tail(fd)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -195,11 +294,92 @@ def truncate_metrics(cell_dir: Path, last_iteration: int) -> None:
     atomic_write_text(Path(cell_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def save_checkpoint(cell_dir: Path, state: dict[str, Any]) -> None:
-    with atomic_path(Path(cell_dir) / CHECKPOINT_FILE) as tmp:
-        torch.save(state, tmp)
+# -- checkpoints ---------------------------------------------------------------------------------------------
+# checkpoint-<iteration>.safetensors (bench/statefile.py: no pickle), the newest `keep` of them. Each one also
+# holds the metrics rows up to its iteration, so a resume rewrites metrics.jsonl from the checkpoint it resumes
+# and a torn, truncated or garbled metrics file never loses a row. A checkpoint that does not read back is
+# renamed to <name>.corrupt, named in one line, and the next older one is tried (then: from scratch).
+CHECKPOINT_GLOB, CORRUPT_SUFFIX = "checkpoint-*.safetensors", ".corrupt"
 
 
-def load_checkpoint(cell_dir: Path) -> dict[str, Any] | None:
-    path = Path(cell_dir) / CHECKPOINT_FILE
-    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+def checkpoint_path(cell_dir: Path, iteration: int) -> Path:
+    return Path(cell_dir) / f"checkpoint-{int(iteration):06d}.safetensors"
+
+
+def checkpoint_paths(cell_dir: Path) -> list[Path]:
+    """The cell's checkpoint files, newest (highest iteration) first; names only, not validated."""
+    found = []
+    for p in Path(cell_dir).glob(CHECKPOINT_GLOB):
+        try:
+            found.append((int(p.stem.split("-", 1)[1]), p))
+        except ValueError:
+            continue
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def has_checkpoint(cell_dir: Path) -> bool:
+    return bool(checkpoint_paths(cell_dir))
+
+
+def save_checkpoint(cell_dir: Path, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write the checkpoint of iteration state["iteration"] with the metrics rows up to it, atomically, then
+    delete all but the newest `keep` checkpoints."""
+    cell_dir, iteration = Path(cell_dir), int(state["iteration"])
+    rows = [r for r in read_metrics(cell_dir) if r["iteration"] <= iteration]
+    if [r["iteration"] for r in rows] != list(range(iteration + 1)):
+        raise RuntimeError(f"'{cell_dir / METRICS_FILE}' holds iterations {[r['iteration'] for r in rows]} at "
+                           f"iteration {iteration}: it was changed while the cell ran")
+    path = checkpoint_path(cell_dir, iteration)
+    with atomic_path(path) as tmp:
+        save_state({**state, "metrics_rows": rows}, tmp)
+    for old in checkpoint_paths(cell_dir)[max(1, int(keep)):]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(cell_dir: Path, echo: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """The newest checkpoint that reads back, or None (start from scratch). Each unreadable one is renamed to
+    <name>.corrupt and named in one line (to stderr unless `echo` is given)."""
+    echo = echo or _warn
+    for path in checkpoint_paths(cell_dir):
+        try:
+            state = load_state(path)
+        except CorruptStateFile as e:
+            aside = path.with_name(path.name + CORRUPT_SUFFIX)
+            os.replace(path, aside)
+            older = checkpoint_paths(cell_dir)
+            then = f"resuming from '{older[0].name}'" if older else "restarting the cell from scratch"
+            echo(f"warning: checkpoint '{path}' is corrupt ({e}); moved to '{aside.name}', {then}")
+            continue
+        state["path"] = str(path)
+        return state
+    return None
+
+
+def restore_metrics(cell_dir: Path, ckpt: dict[str, Any]) -> None:
+    """metrics.jsonl as it was when `ckpt` was written: its rows, whatever happened to the file since."""
+    rows = ckpt["metrics_rows"]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    path = Path(cell_dir) / METRICS_FILE
+    try:
+        if path.read_text() == text:
+            return
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, text)
+
+
+def cell_progress(cell_dir: Path) -> dict[str, Any]:
+    """Where a cell stands, for reports: its status, whether a live runner holds it now (a "running" status
+    without one means its runner died: a rerun resumes it), its last metrics row, the newest checkpoint a rerun
+    would resume from, checkpoints set aside as corrupt, and the recorded error or interruption."""
+    cell_dir = Path(cell_dir)
+    status = read_status(cell_dir)
+    rows = read_metrics(cell_dir)
+    ckpts = checkpoint_paths(cell_dir)
+    return {"status": status.get("status", "pending"),
+            "live": CellLock(cell_dir / LOCK_FILE).holder() is not None,
+            "last_iteration": int(rows[-1]["iteration"]) if rows else None,
+            "resumes_from": int(ckpts[0].stem.split("-", 1)[1]) if ckpts else None,
+            "corrupt": sorted(p.name for p in cell_dir.glob("*" + CORRUPT_SUFFIX)),
+            "error": status.get("error")}

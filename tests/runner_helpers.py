@@ -6,6 +6,8 @@ differ between any two runs; "equal row for row" below means the same iterations
 """
 from __future__ import annotations
 
+import builtins
+import errno
 import importlib
 import io
 import json
@@ -13,6 +15,7 @@ import multiprocessing
 import os
 import pkgutil
 import signal
+import stat
 import subprocess
 import sys
 from multiprocessing.process import BaseProcess
@@ -129,7 +132,9 @@ def install_fault(point: str, nth: int) -> None:
     mid_metrics_write: half of a metrics row written, no newline (a kill inside write(2));
     after_metrics_write: a row on disk, its iteration's checkpoint not yet;
     mid_checkpoint: half of the temp checkpoint written;
-    mid_truncate: on resume, the truncated metrics file written but not yet renamed into place.
+    mid_truncate: on resume, the truncated metrics file written but not yet renamed into place;
+    disk_full: from the nth metrics row on, every write fails with ENOSPC, as on a full disk (os.write, and
+    files opened for writing: metrics, status, checkpoints, samples).
     """
     seen = [0]
 
@@ -137,7 +142,7 @@ def install_fault(point: str, nth: int) -> None:
         seen[0] += 1
         return seen[0] == nth
 
-    append_jsonl, save, replace = store.append_jsonl, torch.save, os.replace
+    append_jsonl, save, replace = store.append_jsonl, store.save_state, os.replace
 
     def torn_append(path: Path, row: dict) -> None:
         if Path(path).name == store.METRICS_FILE and hit():
@@ -152,34 +157,63 @@ def install_fault(point: str, nth: int) -> None:
         if Path(path).name == store.METRICS_FILE and hit():
             _die()
 
-    def torn_save(obj: Any, f: Any, *a: Any, **k: Any) -> None:
+    def torn_save(obj: Any, path: Path) -> None:
+        save(obj, path)
         if hit():
-            buf = io.BytesIO()
-            save(obj, buf)
-            with open(f, "wb") as out:
-                out.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            data = Path(path).read_bytes()
+            Path(path).write_bytes(data[: len(data) // 2])
             _die()
-        save(obj, f, *a, **k)
 
     def replace_or_die(src: Any, dst: Any) -> None:
         if str(dst).endswith(store.METRICS_FILE) and hit():
             _die()
         replace(src, dst)
 
+    def fill_disk() -> None:
+        def full(name: Any = None) -> OSError:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), *([str(name)] if name is not None else []))
+
+        real_open, real_write = builtins.open, os.write
+
+        def write(fd: int, data: Any) -> int:
+            if stat.S_ISREG(os.fstat(fd).st_mode):  # files fill the disk; pipes (multiprocessing's) do not
+                raise full()
+            return real_write(fd, data)
+
+        def open_(file: Any, mode: str = "r", *a: Any, **k: Any) -> Any:
+            if any(c in mode for c in "wax+"):
+                raise full(file)
+            return real_open(file, mode, *a, **k)
+
+        os.write, builtins.open, io.open = write, open_, open_
+
+    def full_from_nth(path: Path, row: dict) -> None:
+        if Path(path).name == store.METRICS_FILE and hit():
+            fill_disk()
+        append_jsonl(path, row)
+
     if point == "mid_metrics_write":
         store.append_jsonl = torn_append
     elif point == "after_metrics_write":
         store.append_jsonl = append_then_die
     elif point == "mid_checkpoint":
-        torch.save = torn_save
+        store.save_state = torn_save
     elif point == "mid_truncate":
         os.replace = replace_or_die
+    elif point == "disk_full":
+        store.append_jsonl = full_from_nth
     else:
         raise ValueError(f"unknown fault point {point!r}")
 
 
-def _runner_child(argv: list[str], fault: tuple[str, int] | None, threads: int) -> None:
+def _runner_child(argv: list[str], fault: tuple[str, int] | None, threads: int, log: str | None) -> None:
     from bench.run import main
+
+    if log is not None:  # stdout and stderr of this runner (and of the processes it starts) into one file
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
 
     # One thread everywhere: two children fit a 2-core machine, and every run (reference or resumed) uses the
     # same thread count, so float reductions happen in the same order.
@@ -191,16 +225,19 @@ def _runner_child(argv: list[str], fault: tuple[str, int] | None, threads: int) 
     sys.exit(main(argv))
 
 
-def start_runner(argv: list[str], fault: tuple[str, int] | None = None, threads: int = 1) -> BaseProcess:
-    """`python -m bench.run ARGV` as a child process (see _PRELOAD), optionally with a fault that kills it."""
-    proc = _context().Process(target=_runner_child, args=(list(argv), fault, threads))
+def start_runner(argv: list[str], fault: tuple[str, int] | None = None, threads: int = 1,
+                 log: Path | None = None) -> BaseProcess:
+    """`python -m bench.run ARGV` as a child process (see _PRELOAD), optionally with a fault that kills it (or
+    fills the disk) and its output sent to `log`."""
+    proc = _context().Process(target=_runner_child, args=(list(argv), fault, threads, str(log) if log else None))
     proc.start()
     return proc
 
 
-def run_runner(argv: list[str], fault: tuple[str, int] | None = None, timeout: float = 180) -> int:
+def run_runner(argv: list[str], fault: tuple[str, int] | None = None, timeout: float = 180,
+               log: Path | None = None) -> int:
     """Run it to the end; its exit code (-9: it SIGKILLed itself)."""
-    proc = start_runner(argv, fault)
+    proc = start_runner(argv, fault, log=log)
     proc.join(timeout)
     if proc.is_alive():
         proc.kill()
