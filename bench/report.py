@@ -1,8 +1,10 @@
-"""report.md + report.html: the ablation table with bootstrap CIs over seeds, IQM, probability of improvement,
-Pareto fronts, sample grids and resolved configs.
+"""report.md + report.html of a grid: a generated summary first (one sentence per factor: which level wins, by how
+much, at what threshold, over how many seeds, and which factor matters most), the headline plot, then the tables
+(methods, compute to thresholds censored at the cap, per-seed collapse and hacking checks, factor spreads,
+aggregate statistics, the Pareto front over learning curves, cost), the cells' states, sample grids and configs.
 
-`python -m bench.report results/<grid>` regenerates them without rerunning anything;
-`python -m bench.report results/a results/b [--out DIR]` writes one report comparing several grids.
+`python -m bench.report results/<grid>` regenerates them without rerunning anything, over every cell of the grid
+folder; `python -m bench.report results/a results/b [--out DIR]` writes one report comparing several grids.
 """
 from __future__ import annotations
 
@@ -19,11 +21,19 @@ import yaml
 
 from bench import store
 from bench.errors import UserError
+from bench.findings import budget_cap, headline_threshold, identical_groups, run_table, summary_lines
 from bench.grid import BASE_CELL
+from bench.plots import headline_plot, pareto_plot
+from bench.report_html import render_png, write_html
+from bench.report_sections import (cells_section, collapse_section, configs_section, envelope_section,
+                                   methods_table, samples_section)
 from bench.spread import spread_section
-from bench.thresholds import thresholds_section
-from bench.stats import (bootstrap_ci, compute_to_threshold, pareto_front, probability_of_improvement,
+from bench.stats import (bootstrap_ci, compute_to_threshold, mean_ci, probability_of_improvement,
                          stratified_bootstrap_ci)
+from bench.summary import refresh_summary
+from bench.thresholds import thresholds_section
+from bench.worlds import WORLDS
+from bench.worlds.base import World
 
 
 def fmt_ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:
@@ -36,87 +46,6 @@ def fmt_compute(v: float) -> str:
     if not math.isfinite(v):
         return "n/a"
     return f"{v:.3g}"
-
-
-def per_seed_table(df: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
-    """One row per finished run: final eval figures and compute to reach the threshold."""
-    rows = []
-    runs = df[(df.cell != BASE_CELL) & df.status.isin(["done", "failed", "running"]) & df.eval_reward.notna()]
-    for cell, g in runs.groupby("cell"):
-        g = g.sort_values("iteration")
-        last = g.iloc[-1]
-        rows.append({"method": last.method, "cell": cell, "seed": last.seed, "status": last.status,
-                     **{c: last[c] for c in ("sampler", "estimator", "objective")},
-                     **{c: last[c] for c in g.columns if c.startswith("eval_") or c.startswith("axis:")},
-                     "final_nfe": last.nfe, "final_device_hours": last.device_hours,
-                     "nfe_to_threshold": compute_to_threshold(g.nfe, g[metric], threshold),
-                     "hours_to_threshold": compute_to_threshold(g.device_hours, g[metric], threshold)})
-    return pd.DataFrame(rows)
-
-
-HACKING_COLUMNS = ("eval_reward", "eval_accuracy", "eval_heldout_accuracy", "eval_nearest_real")
-
-
-def hacking_signs(final: dict[str, float], base: pd.Series) -> list[str]:
-    """Ways a method's final means diverge from the detectors, relative to the base model (digits detectors;
-    a world without them yields none). Each sign alone is a warning, not a verdict."""
-    def get(d, k):
-        v = d.get(k) if isinstance(d, dict) else getattr(d, k, None)
-        return float(v) if v is not None and math.isfinite(float(v)) else None
-
-    r, acc, held, near = (get(final, k) for k in HACKING_COLUMNS)
-    r0, acc0, held0, near0 = (get(base, k) for k in HACKING_COLUMNS)
-    signs = []
-    if None not in (r, r0, held, held0) and r > r0 + 0.02 and held < held0 - 0.02:
-        signs.append(f"reward up ({r0:.2f} -> {r:.2f}) while the held-out judge fell ({held0:.2f} -> {held:.2f})")
-    if None not in (acc, acc0, held, held0) and (acc - held) > (acc0 - held0) + 0.15:
-        signs.append(f"the reward judge accepts what the held-out judge rejects (accuracy {acc:.2f} vs held-out "
-                     f"{held:.2f}; base gap {acc0 - held0:+.2f})")
-    if None not in (r, r0, near, near0) and r > r0 + 0.02 and near > 1.15 * near0:
-        signs.append(f"samples drift from real digits (nearest-real distance {near0:.2f} -> {near:.2f})")
-    return signs
-
-
-def method_table(seeds: pd.DataFrame, base: pd.Series | None, baseline: str | None) -> pd.DataFrame:
-    rows = []
-    base_nfe = base_h = float("nan")
-    if baseline is not None and baseline in set(seeds.method):
-        b = seeds[seeds.method == baseline]
-        base_nfe, base_h = b.nfe_to_threshold.mean(), b.hours_to_threshold.mean()
-    for method, g in seeds.groupby("method", sort=True):
-        reached = g.nfe_to_threshold.notna()
-        row = {"method": method, "seeds": len(g), "failed": int((g.status == "failed").sum()),
-               "reached": f"{int(reached.sum())}/{len(g)}"}
-        for col in ("eval_reward", "eval_accuracy", "eval_heldout_accuracy", "eval_diversity", "eval_nearest_real"):
-            row[col] = bootstrap_ci(g[col].to_numpy(float))
-        row["nfe_to_threshold"] = bootstrap_ci(g.nfe_to_threshold.to_numpy(float))
-        row["hours_to_threshold"] = bootstrap_ci(g.hours_to_threshold.to_numpy(float))
-        row["speedup_nfe"] = base_nfe / row["nfe_to_threshold"][0] if reached.all() else float("nan")
-        row["speedup_hours"] = base_h / row["hours_to_threshold"][0] if reached.all() else float("nan")
-        if base is not None:
-            acc_lo = row["eval_accuracy"][1]
-            row["improved"] = "yes" if acc_lo > base.eval_accuracy else "no (CI overlaps base)" if row["eval_accuracy"][0] > base.eval_accuracy else "no"
-            signs = hacking_signs({c: row[c][0] for c in HACKING_COLUMNS}, base)
-            row["hacking"] = "possible reward hacking: " + "; ".join(signs) if signs else ""
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def axis_ablation(seeds: pd.DataFrame, metric: str) -> list[str]:
-    """Per axis: each value's mean final metric and compute-to-threshold, pooled over the other axes."""
-    lines = []
-    for axis in [c for c in seeds.columns if c.startswith("axis:")]:
-        vals = seeds[axis].dropna().unique()
-        if len(vals) < 2:
-            continue
-        lines += [f"\n**{axis[5:]}** (pooled over the other axes and seeds)\n",
-                  f"| {axis[5:]} | runs | final {metric} [95% CI] | NFE to threshold [95% CI] (runs that reached) |",
-                  "|---|---|---|---|"]
-        for v in sorted(vals):
-            g = seeds[seeds[axis] == v]
-            lines.append(f"| {v} | {len(g)} | {fmt_ci(*bootstrap_ci(g[metric]))} | "
-                         f"{fmt_ci(*bootstrap_ci(g.nfe_to_threshold), digits=0)} ({int(g.nfe_to_threshold.notna().sum())}/{len(g)}) |")
-    return lines
 
 
 def cost_per_iteration(df: pd.DataFrame) -> pd.DataFrame:
@@ -174,33 +103,14 @@ def cost_section(df: pd.DataFrame, seeds: pd.DataFrame, baseline: str | None) ->
     return lines
 
 
-def grid_context(df: pd.DataFrame, grid_cfg: dict) -> tuple[str, float, pd.DataFrame, str | None]:
-    """(report metric, threshold, per-seed finals, baseline method or None) of one grid's summary."""
-    report = grid_cfg.get("report", {}) or {}
-    metric, threshold = report.get("metric", "eval_reward"), float(report.get("threshold", 0.9))
-    seeds = per_seed_table(df, metric, threshold)
-    baseline_spec = grid_cfg.get("baseline") or {}
-    baseline = None
-    if baseline_spec and len(seeds):
-        match = seeds
-        for k, v in baseline_spec.items():
-            col = f"axis:{k}" if f"axis:{k}" in seeds else k
-            if col not in match:
-                match = match.iloc[:0]
-                break
-            match = match[match[col].astype(str) == str(v)]
-        baseline = match.method.iloc[0] if len(match) else None
-    return metric, threshold, seeds, baseline
-
-
 def statistics_section(seeds: pd.DataFrame, baseline: str | None, metric: str) -> list[str]:
     """IQM and mean of the final metric with stratified bootstrap CIs, and P(method beats the baseline)."""
     if not len(seeds) or metric not in seeds:
         return []
     lines = ["", "## Aggregate statistics", "",
              f"Final {metric} per method over seeds: interquartile mean (IQM: the mean of the middle 50% of runs, "
-             "robust to one outlier seed; equal to the mean below 4 seeds) and mean, with 95% percentile-bootstrap "
-             "CIs, and the probability of improvement P(a run of the method beats a run of the baseline) with its CI "
+             "robust to one outlier seed; equal to the mean below 4 seeds) with a 95% percentile-bootstrap CI, the "
+             "mean with its 95% t interval, and the probability of improvement P(a run of the method beats a run of the baseline) with its CI "
              "(0.5: no difference; rliable's interval estimates).", "",
              f"| method | seeds | IQM final {metric} [95% CI] | mean final {metric} [95% CI] | "
              f"P(method > `{baseline}`) [95% CI] |", "|---|---|---|---|---|"]
@@ -214,182 +124,189 @@ def statistics_section(seeds: pd.DataFrame, baseline: str | None, metric: str) -
         else:
             poi = fmt_ci(*probability_of_improvement([vals], [base_vals]), digits=2)
         lines.append(f"| {method} | {len(g)} | {fmt_ci(*bootstrap_ci(vals, statistic='iqm'))} | "
-                     f"{fmt_ci(*bootstrap_ci(vals))} | {poi} |")
+                     f"{fmt_ci(*mean_ci(vals))} | {poi} |")
     return lines
 
 
-def pareto_section(df: pd.DataFrame, metrics: list[str]) -> list[str]:
-    """The non-dominated methods in (final compute, final figure), per compute axis and figure."""
-    from bench.plots import final_points
-
-    lines = ["", "## Pareto front", "",
-             "Methods no other method beats on both axes at once: less (or equal) training compute at the end of "
-             "the run and a higher (or equal) final figure, means over seeds; ringed on the plots below. The base "
-             "model (zero compute) is left out.", "",
-             "| compute | figure | on the front (cheapest first) | dominated |", "|---|---|---|---|"]
-    for x in ("nfe", "device_hours"):
-        for y in metrics:
-            if y not in df or not df[y].notna().any():
-                continue
-            finals = final_points(df, x, y)
-            front = pareto_front(finals)
-            rest = sorted(set(finals) - set(front))
-            lines.append(f"| {x} | {y} | {', '.join(f'`{m}`' for m in front) or 'none'} | "
-                         f"{', '.join(f'`{m}`' for m in rest) or 'none'} |")
-    return lines
+def report_thresholds(grid_cfg: dict) -> tuple[str, float, list[float]]:
+    """(metric, main threshold, every threshold) of a grid's report settings."""
+    report = grid_cfg.get("report", {}) or {}
+    metric, threshold = report.get("metric", "eval_reward"), float(report.get("threshold", 0.9))
+    thresholds = sorted({threshold, *(float(t) for t in (report.get("thresholds") or []))})
+    return metric, threshold, thresholds
 
 
-def _representative_cells(df: pd.DataFrame) -> dict[str, str]:
-    """Per method, the cell of its lowest seed that has eval rows."""
-    runs = df[(df.cell != BASE_CELL) & df.eval_reward.notna()].sort_values(["method", "seed"])
-    return {m: g.cell.iloc[0] for m, g in runs.groupby("method", sort=True)}
+def find_baseline(runs: pd.DataFrame, grid_cfg: dict) -> str | None:
+    """The method whose axes match the grid's `baseline:` spec, or None."""
+    spec = grid_cfg.get("baseline") or {}
+    if not spec or not len(runs):
+        return None
+    match = runs
+    for k, v in spec.items():
+        col = f"axis:{k}" if f"axis:{k}" in runs else k
+        if col not in match:
+            return None
+        match = match[match[col].astype(str) == str(v)]
+    return match.method.iloc[0] if len(match) else None
 
 
-def samples_section(df: pd.DataFrame, grid_dir: Path, metric: str, max_points: int = 5) -> list[str]:
-    """Per method, the eval sample grids (fixed noise, one row per prompt) from the start to the end of training,
-    so reward hacking (saturated prototypes, textures) is visible."""
-    cells = _representative_cells(df)
-    if not cells:
-        return []
-    base_img = f"{BASE_CELL}/eval_base.png"
-    base_cell = f"![base model]({base_img})<br>base model" if (grid_dir / base_img).exists() else "n/a"
-    rows = []
-    for method, cell in cells.items():
-        evals = df[(df.cell == cell) & df.eval_reward.notna()].sort_values("iteration")
-        picks = sorted({int(round(i)) for i in np.linspace(0, len(evals) - 1, min(max_points, len(evals)))})
-        shots = []
-        for _, r in evals.iloc[picks].iterrows():
-            img = f"{cell}/samples/eval_{int(r.iteration):04d}.png"
-            caption = f"it {int(r.iteration)}, NFE {fmt_compute(float(r.nfe))}<br>reward {r.eval_reward:.3f}"
-            if metric != "eval_reward" and metric in r and pd.notna(r[metric]):
-                caption += f", {metric.removeprefix('eval_')} {r[metric]:.3f}"
-            if "eval_heldout_accuracy" in r and pd.notna(r.eval_heldout_accuracy):
-                caption += f"<br>held-out {r.eval_heldout_accuracy:.3f}"
-            shots.append(f"![{cell} iteration {int(r.iteration)}]({img})<br>{caption}" if (grid_dir / img).exists()
-                         else f"(no image)<br>{caption}")
-        rows.append((method, cell, shots))
-    width = max(len(shots) for *_, shots in rows)
-    lines = ["", "## Samples", "",
-             f"Eval samples of each method's lowest seed on the eval's fixed noise, at up to {max_points} eval points "
-             "from the start to the end of training (one row per prompt/class). A rising reward with collapsing "
-             "variety or off-prompt images is reward hacking.", "",
-             "| method (cell) | base model | " + " | ".join(["eval"] * width) + " |", "|---" * (width + 2) + "|"]
-    lines += [f"| `{method}`<br>({cell}) | {base_cell} | " + " | ".join(shots + [""] * (width - len(shots))) + " |"
-              for method, cell, shots in rows]
-    return lines
+def grid_context(df: pd.DataFrame, grid_cfg: dict) -> tuple[str, float, pd.DataFrame, str | None]:
+    """(report metric, main threshold, per-run table, baseline method or None) of one grid's summary."""
+    metric, threshold, thresholds = report_thresholds(grid_cfg)
+    runs = run_table(df, metric, thresholds)
+    if len(runs):
+        # The uncensored compute to the main threshold (nan when never reached), for the cost verdicts.
+        runs["nfe_to_threshold"] = np.where(runs[f"reached@{threshold:g}"], runs[f"nfe@{threshold:g}"], np.nan)
+        hours = {c: compute_to_threshold(g.sort_values("iteration").device_hours, g.sort_values("iteration")[metric],
+                                         threshold) for c, g in df[df.cell.isin(runs.cell) & df[metric].notna()].groupby("cell")}
+        runs["hours_to_threshold"] = runs.cell.map(hours)
+    return metric, threshold, runs, find_baseline(runs, grid_cfg)
 
 
-RUNNER_KEYS = ("seed", "results_dir", "launcher", "logger", "lock")  # how a cell ran, not what it is
+def world_class(df: pd.DataFrame, grid_dir: Path | None) -> type[World]:
+    """The world the grid's cells ran in (from a cell's config.yaml), for its eval metrics and detectors."""
+    if grid_dir is not None:
+        for cell in df[df.cell != BASE_CELL].cell.drop_duplicates():
+            path = Path(grid_dir) / cell / store.CONFIG_FILE
+            if path.exists():
+                name = ((yaml.safe_load(path.read_text()) or {}).get("world") or {}).get("name")
+                if name in WORLDS:
+                    return WORLDS.get(name)
+    return World
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{key}."))
-        else:
-            out[key] = v
+def distinct_methods(df: pd.DataFrame, runs: pd.DataFrame, baseline: str | None
+                     ) -> tuple[list[list[str]], dict[str, list[str]], list[str]]:
+    """(bit-identical groups, representative -> the methods it stands for, the methods to report: one per group,
+    the baseline first). A group's representative is the baseline, else the member sharing most axis values
+    with the baseline."""
+    groups = identical_groups(df)
+    base_axes = set()
+    if baseline is not None and len(runs):
+        b = runs[runs.method == baseline].iloc[0]
+        base_axes = {(c, b[c]) for c in runs.columns if c.startswith("axis:")}
+
+    def closeness(m: str) -> int:
+        r = runs[runs.method == m].iloc[0]
+        return sum((c, r[c]) in base_axes for c in runs.columns if c.startswith("axis:"))
+
+    aliases, hidden = {}, set()
+    for g in groups:
+        keep = baseline if baseline in g else max(g, key=lambda m: (closeness(m), [-ord(ch) for ch in m]))
+        aliases[keep] = [m for m in g if m != keep]
+        hidden |= set(aliases[keep])
+    methods = [m for m in sorted(runs.method.unique()) if m not in hidden] if len(runs) else []
+    if baseline in methods:
+        methods = [baseline] + [m for m in methods if m != baseline]
+    return groups, aliases, methods
+
+
+def plotted(df: pd.DataFrame, aliases: dict[str, list[str]]) -> pd.DataFrame:
+    """The summary without the methods a bit-identical representative stands for, that one labelled 'a ≡ b'."""
+    hidden = {m for ms in aliases.values() for m in ms}
+    out = df[~df.method.isin(hidden)].copy()
+    out["method"] = out.method.map(lambda m: f"{m} ≡ {', '.join(aliases[m])}" if aliases.get(m) else m)
     return out
 
 
-def configs_section(df: pd.DataFrame, grid_dir: Path, baseline: str | None) -> list[str]:
-    """Each method's resolved config (its lowest seed's config.yaml), folded, with the keys where it differs from
-    the baseline's."""
-    cells = _representative_cells(df)
-    configs = {m: grid_dir / c / "config.yaml" for m, c in cells.items() if (grid_dir / c / "config.yaml").exists()}
-    if not configs:
-        return []
-    flat = {m: {k: v for k, v in _flatten(yaml.safe_load(p.read_text()) or {}).items()
-                if k.split(".")[0] not in RUNNER_KEYS} for m, p in configs.items()}
-    ref = flat.get(baseline) if baseline is not None else None
-    lines = ["", "## Resolved config per method", "",
-             "The full config each method ran with (its lowest seed; other seeds differ only in `seed`).", ""]
-    for method, path in configs.items():
-        diff = ""
-        if ref is not None and method != baseline:
-            keys = sorted(k for k in set(ref) | set(flat[method]) if ref.get(k) != flat[method].get(k))
-            # A config group swapped for another (estimator: stepwise -> elbo) changes all its keys: name the swap.
-            swapped = sorted({k.split(".")[0] for k in keys if k.endswith(".name") and k.count(".") == 1})
-            parts = [f"{g}={flat[method].get(g + '.name')} (baseline: {ref.get(g + '.name')})" for g in swapped]
-            parts += [k for k in keys if k.split(".")[0] not in swapped]
-            diff = f" — differs from the baseline in: {', '.join(parts) if parts else 'nothing'}"
-        elif method == baseline:
-            diff = " — the baseline"
-        lines += [f"<details><summary><code>{method}</code> ({path.relative_to(grid_dir)}){diff}</summary>", "",
-                  "```yaml", path.read_text().rstrip("\n"), "```", "", "</details>"]
-    return lines
-
-
-def render_report(df: pd.DataFrame, grid_cfg: dict, title: str, grid_dir: Path | None = None) -> str:
-    """The report's markdown; with grid_dir, also the per-method sample grids and resolved configs it holds."""
-    metric, threshold, seeds, baseline = grid_context(df, grid_cfg)
+def render_report(df: pd.DataFrame, grid_cfg: dict, title: str, grid_dir: Path | None = None,
+                  world: type[World] | None = None) -> str:
+    """The report's markdown; with grid_dir, also the sample grids and configs it holds."""
+    world = world or world_class(df, grid_dir)
+    metric, threshold, runs, baseline = grid_context(df, grid_cfg)
+    _, _, thresholds = report_thresholds(grid_cfg)
+    cap = budget_cap(df)
+    columns = [c for c in world.EVAL_METRICS if c in df and df[c].notna().any()]
     base_rows = df[df.cell == BASE_CELL]
     base = base_rows.iloc[0] if len(base_rows) else None
+    groups, aliases, methods = distinct_methods(df, runs, baseline)
+    states = df[df.cell != BASE_CELL].drop_duplicates("cell").state.value_counts()
     out = [f"# {title}", ""]
-    budget = grid_cfg.get("budget_text")
-    if budget:
-        out += [f"Budget per cell: {budget}. Threshold: {metric} >= {threshold}. Baseline: `{baseline}`.", ""]
-    if base is not None:
-        out += ["## Base model (before RL)", "",
-                "| eval reward | accuracy | held-out accuracy | diversity | nearest-real distance |", "|---|---|---|---|---|",
-                f"| {base.eval_reward:.3f} | {base.eval_accuracy:.3f} | {base.eval_heldout_accuracy:.3f} | "
-                f"{base.eval_diversity:.3f} | {base.eval_nearest_real:.3f} |", ""]
-    if len(seeds):
-        table = method_table(seeds, base, baseline)
+    setup = [f"Budget per cell: {grid_cfg.get('budget_text') or 'see grid.yaml'}", f"metric: {metric}",
+             f"thresholds: {', '.join(f'{t:g}' for t in thresholds)}", f"baseline: `{baseline}`",
+             "cells: " + ", ".join(f"{n} {s}" for s, n in states.items())]
+    out += ["; ".join(setup) + ".", ""]
+    out += ["## Summary", ""]
+    if len(runs):
+        axes_of_base = {}
+        if baseline is not None:
+            b = runs[runs.method == baseline].iloc[0]
+            axes_of_base = {c[5:]: b[c] for c in runs.columns if c.startswith("axis:") and isinstance(b[c], str)}
+        out += summary_lines(runs, df, metric, thresholds, axes_of_base)
+        t_star = headline_threshold(runs, thresholds, runs.method == baseline if baseline else None)
+    else:
+        t_star = None
+        out.append("- No run has finished yet: nothing to compare.")
+    collapse_lines, flagged = collapse_section(df, runs, metric, world.detectors(), world.name) if len(runs) else ([], {})
+    notes = []
+    if flagged:
+        notes.append("collapse or hacking signs in " + ", ".join(f"`{m}` {k}/{int((runs.method == m).sum())} seeds"
+                                                                for m, k in sorted(flagged.items())))
+    diverged = runs[runs.state == "diverged"].method.value_counts() if len(runs) else {}
+    if len(diverged):
+        notes.append("diverged: " + ", ".join(f"`{m}` {k}/{int((runs.method == m).sum())}" for m, k in diverged.items()))
+    if groups:
+        notes.append("bit-identical (reported once): " + "; ".join(" ≡ ".join(f"`{m}`" for m in g) for g in groups))
+    pending = int(states.get("unfinished", 0) + states.get("pending", 0))
+    if pending:
+        notes.append(f"{pending} cells not finished (see Cells): the figures cover finished runs only")
+    out += [f"- {n[0].upper() + n[1:]}." for n in notes]
+    out += ["- Intervals are 95% Student-t over seeds (ratios: on the log scale); 3-seed percentile-bootstrap "
+            "intervals undercover (see tests/test_stats_coverage.py and the README)."]
+    out += ["", "![headline: learning curves against NFE](headline.png)", ""]
+    if len(runs):
         out += ["## Methods", "",
-                "Final figures are means over seeds with 95% percentile-bootstrap CIs. Compute to threshold is "
-                f"the training compute at which eval {metric} first reaches {threshold} (linear interpolation "
-                "between eval points), over the seeds that reached it. Speed-up = baseline compute / method compute "
-                "(only when every seed reached the threshold).", "",
-                "| method | seeds | final eval reward | final accuracy | held-out accuracy | diversity | nearest-real | "
-                "reached | NFE to threshold | device-h to threshold | speed-up (NFE) | speed-up (device-h) | improved over base |",
-                "|---" * 13 + "|"]
-        for _, r in table.iterrows():
-            name = f"**{r.method}** (baseline)" if r.method == baseline else r.method
-            out.append(f"| {name} | {r.seeds}{' (' + str(r.failed) + ' failed)' if r.failed else ''} | "
-                       f"{fmt_ci(*r.eval_reward)} | {fmt_ci(*r.eval_accuracy)} | {fmt_ci(*r.eval_heldout_accuracy)} | "
-                       f"{fmt_ci(*r.eval_diversity)} | {fmt_ci(*r.eval_nearest_real)} | {r.reached} | "
-                       f"{fmt_ci(*r.nfe_to_threshold, digits=0)} | {fmt_ci(*r.hours_to_threshold, digits=5)} | "
-                       f"{fmt_compute(r.speedup_nfe)} | {fmt_compute(r.speedup_hours)} | {r.get('improved', '')} |")
-        out += thresholds_section(df, grid_cfg, baseline)
-        out += cost_section(df, seeds, baseline)
-        hacks = [r for _, r in table.iterrows() if r.get("hacking")]
-        out += ["", "## Reward-hacking check", ""]
-        if hacks:
-            out += [f"- `{r.method}`: {r.hacking}" for r in hacks]
-        else:
-            out.append("No method shows a sign of reward hacking: none raised its reward while the held-out judge's "
-                       "accuracy fell by more than 0.02, none opened a gap of more than 0.15 between the reward judge's "
-                       "and the held-out judge's accuracy beyond the base model's, and none moved its samples more "
-                       "than 15% further from the nearest real digit (diversity is in the table above).")
-        out += ["", "## Ablation by factor", *axis_ablation(seeds, metric)]
-        out += spread_section(df, seeds, metric)
-        out += statistics_section(seeds, baseline, metric)
-        out += pareto_section(df, list(dict.fromkeys([metric, "eval_reward", "eval_heldout_accuracy"])))
-    skipped = df[df.status == "skipped"].drop_duplicates("method")
-    failed = df[df.status == "failed"].drop_duplicates("cell")
-    out += ["", "## Skipped and failed cells", ""]
-    if not len(skipped) and not len(failed):
-        out.append("None.")
-    out += [f"- skipped `{r.method}`: {r.reason}" for _, r in skipped.iterrows()]
-    out += [f"- failed `{r.cell}`: {r.reason}" for _, r in failed.iterrows()]
-    out += ["", "## Plots", "", "![eval reward vs NFE](pareto_nfe.png)", "", "![eval reward vs device-hours](pareto_device_hours.png)", ""]
-    if grid_dir is not None:
-        out += samples_section(df, Path(grid_dir), metric)
-        out += configs_section(df, Path(grid_dir), baseline)
+                f"Final figures of each method's runs (mean [95% t interval]); AUC: the mean {metric} over the "
+                f"{cap:.3g}-NFE budget (area under the learning curve / budget); NFE to the headline threshold "
+                f"{t_star:g} counts runs that never reached it at the cap (>=: a lower bound)." if t_star is not None
+                else f"Final figures of each method's runs (mean [95% t interval]); AUC: the mean {metric} over the budget.",
+                ""]
+        if base is not None:
+            out += ["Base model: " + ", ".join(f"{short_name(c)} {base[c]:.3f}" for c in columns
+                                                if c in base and pd.notna(base[c])) + ".", ""]
+        out += methods_table(runs, metric, columns, t_star, baseline, methods, aliases, flagged)
+        out += thresholds_section(runs, metric, thresholds, baseline, cap, methods)
+        out += collapse_lines
+        out += spread_section(df, runs, metric)
+        out += statistics_section(runs[runs.method.isin(methods)], baseline, metric)
+        out += envelope_section(plotted(df, aliases), list(dict.fromkeys([metric, "eval_reward", "eval_heldout_accuracy"])))
+        out += cost_section(df, runs, baseline)
+        out += device_noise_lines(df, groups)
+    out += cells_section(df)
+    out += ["", "## Plots", "", "![figures against NFE](pareto_nfe.png)", "",
+            "Device-hours (noisy on a shared CPU: bit-identical cells can differ by half):", "",
+            "![figures against device-hours](pareto_device_hours.png)", ""]
+    if grid_dir is not None and len(runs):
+        out += samples_section(df, runs, Path(grid_dir), metric, methods, world.sample_layout())
+        out += configs_section(runs, Path(grid_dir), baseline, methods)
         out.append("")
     return "\n".join(out)
 
 
+def short_name(metric: str) -> str:
+    return metric.removeprefix("eval_").replace("_", " ")
+
+
+def device_noise_lines(df: pd.DataFrame, groups: list[list[str]]) -> list[str]:
+    """How far device-hours of bit-identical runs differ: the measurement noise of the device-hours axis."""
+    rel = []
+    for g in groups:
+        last = df[df.method.isin(g) & df.eval_reward.notna()].sort_values("iteration").groupby("cell").tail(1)
+        for _, s in last.groupby("seed"):
+            h = s.device_hours.to_numpy(float)
+            if len(h) > 1 and h.min() > 0:
+                rel.append(h.max() / h.min() - 1)
+    if not rel:
+        return []
+    return ["", f"Device-hours noise: bit-identical runs (same seed, same numbers) differ in device-hours by "
+            f"{100 * np.median(rel):.0f}% (median) and up to {100 * max(rel):.0f}% on this machine; NFE is the "
+            "headline axis."]
+
+
 def write_report(grid_dir: Path, refresh: bool = False, html: bool = True) -> Path:
     """Regenerate report.md, report.html and the plots from summary.parquet and grid.yaml, without rerunning
-    anything; with refresh, rebuild summary.parquet from the cell folders first (cells still running, or finished
-    by other runners or Slurm jobs)."""
-    from bench.plots import pareto_plot
-    from bench.report_html import write_html
-    from bench.summary import refresh_summary
-
+    anything; with refresh, rebuild summary.parquet from the grid folder first (every cell in it: cells still
+    running, finished by other runners or Slurm jobs, or by an earlier invocation)."""
     grid_dir = Path(grid_dir)
     store.check_results_version(grid_dir)
     grid_cfg = yaml.safe_load((grid_dir / "grid.yaml").read_text())
@@ -397,9 +314,15 @@ def write_report(grid_dir: Path, refresh: bool = False, html: bool = True) -> Pa
     if refresh or not (grid_dir / "summary.parquet").exists():
         refresh_summary(grid_dir, name)
     df = pd.read_parquet(grid_dir / "summary.parquet")
-    metric = (grid_cfg.get("report") or {}).get("metric", "eval_reward")
+    if "state" not in df or df.state.isna().all():  # a summary written before cells had states
+        refresh_summary(grid_dir, name)
+        df = pd.read_parquet(grid_dir / "summary.parquet")
+    metric, _, thresholds = report_thresholds(grid_cfg)
+    _, _, runs, baseline = grid_context(df, grid_cfg)
+    shown = plotted(df, distinct_methods(df, runs, baseline)[1])
+    headline_plot(shown, metric, thresholds, grid_dir / "headline.png", title=f"grid {name}")
     for x in ("nfe", "device_hours"):
-        pareto_plot(df, x, grid_dir / f"pareto_{x}.png", metrics=tuple(dict.fromkeys(["eval_reward", metric, "eval_heldout_accuracy"])),
+        pareto_plot(shown, x, grid_dir / f"pareto_{x}.png", metrics=tuple(dict.fromkeys(["eval_reward", metric, "eval_heldout_accuracy"])),
                     title=f"grid {name}")
     path = grid_dir / "report.md"
     store.atomic_write_text(path, render_report(df, grid_cfg, f"Grid `{name}`", grid_dir))
@@ -447,8 +370,6 @@ def comparison_table(grids: list[tuple[str, pd.DataFrame, dict]]) -> list[str]:
 
 def compare_report(grid_dirs: list[Path], out_dir: Path, refresh: bool = False, html: bool = True) -> Path:
     """One report over several grids in out_dir: a cross-grid table, then each grid's own report (regenerated)."""
-    from bench.report_html import write_html
-
     out_dir = Path(out_dir)
     grids = []
     for gd in grid_dirs:
@@ -499,8 +420,6 @@ def main(argv: list[str] | None = None) -> int:
     print(path)
     print(path.with_suffix(".html"))
     if args.png is not None:
-        from bench.report_html import render_png
-
         print(render_png(path.with_suffix(".html"), args.png))
     return 0
 

@@ -15,6 +15,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from bench import store
+
 CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #111; margin: 2em auto;
        max-width: 1400px; padding: 0 1.5em; }
@@ -29,6 +31,7 @@ pre { background: #f4f4f4; border: 1px solid #ccc; padding: .7em; overflow-x: au
 pre code { background: none; padding: 0; }
 img { max-width: 100%; }
 td img { width: 150px; image-rendering: pixelated; display: block; }
+p > img { image-rendering: pixelated; }
 details { margin: .3em 0; } summary { cursor: pointer; }
 .missing { color: #a00; font-style: italic; }
 """
@@ -39,6 +42,18 @@ _BOLD = re.compile(r"\*\*(.+?)\*\*")
 _CODE = re.compile(r"`([^`]+)`")
 _SEPARATOR = re.compile(r"^\|?\s*:?-{3,}")
 _ALLOWED_TAGS = re.compile(r"&lt;(/?)(br|sub|sup|b|i|em|strong)\s*/?&gt;")
+
+
+_INCLUDE = re.compile(r"^<!--\s*include-yaml:\s*([^|]+?)\s*\|\s*(.*?)\s*-->$")
+
+
+def _included_yaml(path: Path, label: str) -> str:
+    """A collapsible holding a file's text (the full resolved configs: in the HTML only, report.md links them)."""
+    if not path.is_file():
+        return f'<p class="missing">[missing file: {html.escape(str(path.name))}]</p>'
+    return (f"<details><summary>full config of <code>{html.escape(label)}</code> ({html.escape(path.parent.name)}/"
+            f"{html.escape(path.name)})</summary><pre><code class=\"language-yaml\">{html.escape(path.read_text())}"
+            "</code></pre></details>")
 
 
 def data_uri(path: Path) -> str:
@@ -110,6 +125,9 @@ def markdown_to_html(md: str, base_dir: Path, title: str) -> str:
             continue
         if not stripped:
             flush()
+        elif m := _INCLUDE.match(stripped):
+            flush()
+            out.append(_included_yaml(base_dir / m.group(1).strip(), m.group(2).strip()))
         elif stripped.startswith("<"):
             flush()
             out.append(stripped)  # raw HTML the bench writes (<details>, <summary>)
@@ -150,8 +168,6 @@ def markdown_to_html(md: str, base_dir: Path, title: str) -> str:
 
 def write_html(md_path: Path, html_path: Path | None = None) -> Path:
     """report.md -> report.html next to it (or at html_path), images embedded."""
-    from bench import store
-
     md_path = Path(md_path)
     html_path = Path(html_path) if html_path is not None else md_path.with_suffix(".html")
     md = md_path.read_text()

@@ -27,21 +27,49 @@ def _num(v: float, signed: bool = False) -> str:
     return ("+" if signed and v >= 0 else "") + text
 
 
-def _spreads(cells: dict[tuple, np.ndarray], across: int, levels_a: list, levels_b: list) -> np.ndarray:
-    """[len(levels_b)] range (max - min over levels_a) of the cell means, within each level of the other axis."""
-    out = []
-    for b in levels_b:
-        means = [cells[(a, b) if across == 0 else (b, a)].mean() for a in levels_a]
-        out.append(max(means) - min(means))
-    return np.asarray(out)
+def _paired_means(cells: dict[tuple, pd.Series], seed: int) -> tuple[dict[tuple, float], dict[tuple, np.ndarray]]:
+    """Per cell: the mean over its seeds, and N_BOOT bootstrap means in which every cell draws the same seeds.
+    Seeds are shared across the cells of a grid (the same seed gives the same base model, eval noise and
+    initial random stream), so they are resampled jointly: two cells that are bit-identical seed for seed stay
+    identical in every replicate, where resampling each cell on its own would invent a spread between them. A
+    replicate that draws none of a cell's seeds (a cell missing a failed seed) uses that cell's full mean."""
+    seeds = sorted({s for v in cells.values() for s in v.index})
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(len(seeds), size=(N_BOOT, len(seeds)))
+    point, boot = {}, {}
+    for key, v in cells.items():
+        row = np.array([v.get(s, np.nan) for s in seeds], dtype=float)
+        draws = row[idx]
+        counts = np.isfinite(draws).sum(1)
+        sums = np.where(np.isfinite(draws), draws, 0.0).sum(1)
+        point[key] = float(np.nanmean(row))
+        boot[key] = np.where(counts > 0, sums / np.maximum(counts, 1), point[key])
+    return point, boot
+
+
+def _contrasts(point: dict, boot: dict, keys_per_group: list[list[tuple]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per group of cells: best minus worst level, with best and worst fixed by the point means, so the
+    replicates bootstrap one fixed contrast (centred on the point, which lies inside its interval) rather than a
+    range, whose replicates all sit above a near-zero point. Returns (points [groups], replicates [N_BOOT, groups])."""
+    pts, reps = [], []
+    for keys in keys_per_group:
+        hi = max(keys, key=lambda k: point[k])
+        lo = min(keys, key=lambda k: point[k])
+        pts.append(point[hi] - point[lo])
+        reps.append(boot[hi] - boot[lo])
+    return np.asarray(pts), np.stack(reps, axis=1)
 
 
 def factor_spread(values: pd.DataFrame, axis_x: str, axis_y: str, seed: int = 0) -> dict:
     """Spread across axis_x (within each level of axis_y) vs across axis_y (within each level of axis_x), over the
-    levels present in every combination; point values and 95% percentile-bootstrap CIs (seeds resampled per cell)."""
+    levels present in every combination: the best-minus-worst contrast of the per-level means, averaged over the
+    other axis's levels; point values and 95% paired-bootstrap CIs (seeds resampled jointly across cells).
+    `values` has columns axis_x, axis_y, value and (for the pairing) seed."""
+    if "seed" not in values:
+        values = values.assign(seed=values.groupby([axis_x, axis_y]).cumcount())
     xs = sorted(values[axis_x].unique())
     ys = sorted(values[axis_y].unique())
-    cells = {(x, y): g.value.to_numpy(float) for (x, y), g in values.groupby([axis_x, axis_y])}
+    cells = {(x, y): g.groupby("seed").value.mean() for (x, y), g in values.groupby([axis_x, axis_y])}
     # Balanced support, so neither range covers more levels: drop, one at a time, the level missing from the
     # largest share of the other axis's levels (an objective skipped under one of two estimators goes first).
     while True:
@@ -53,18 +81,14 @@ def factor_spread(values: pd.DataFrame, axis_x: str, axis_y: str, seed: int = 0)
         (xs if axis == 0 else ys).remove(level)
     if len(xs) < 2 or len(ys) < 2:
         return {}
-
-    def stats(c):
-        sx = _spreads(c, 0, xs, ys).mean()
-        sy = _spreads(c, 1, ys, xs).mean()
-        return sx, sy, sy - sx
-
-    point = stats(cells)
-    rng = np.random.default_rng(seed)
-    boot = np.array([stats({k: rng.choice(v, len(v)) for k, v in cells.items()}) for _ in range(N_BOOT)])
-    lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
-    return {"x_levels": xs, "y_levels": ys, "point": point, "lo": lo, "hi": hi, "boot": boot,
-            "within_y": {y: s for y, s in zip(ys, _spreads(cells, 0, xs, ys))}}
+    point, boot = _paired_means({k: cells[k] for k in itertools.product(xs, ys)}, seed)
+    px, bx = _contrasts(point, boot, [[(x, y) for x in xs] for y in ys])
+    py, by = _contrasts(point, boot, [[(x, y) for y in ys] for x in xs])
+    pt = np.array([px.mean(), py.mean(), py.mean() - px.mean()])
+    reps = np.stack([bx.mean(1), by.mean(1), by.mean(1) - bx.mean(1)], axis=1)
+    lo, hi = np.percentile(reps, [2.5, 97.5], axis=0)
+    return {"x_levels": xs, "y_levels": ys, "point": pt, "lo": lo, "hi": hi, "boot": reps,
+            "within_y": dict(zip(ys, px))}
 
 
 def stratified_factor_spread(values: pd.DataFrame, axis_x: str, axis_y: str, strata: list[str], seed: int = 0) -> dict:
@@ -80,23 +104,44 @@ def stratified_factor_spread(values: pd.DataFrame, axis_x: str, axis_y: str, str
     if not results:
         return {}
     point = np.mean([r["point"] for r in results.values()], axis=0)
-    # Strata are bootstrapped independently, so the mean of their replicates is a replicate of the mean.
+    # Each stratum draws its own seeds, so the mean of their replicates is a replicate of the mean.
     boot = np.mean([r["boot"] for r in results.values()], axis=0)
     lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
     return {"point": point, "lo": lo, "hi": hi, "strata": {k: (r["x_levels"], r["y_levels"]) for k, r in results.items()}}
 
 
-def _within(values: pd.DataFrame, axis: str, other: str, seed: int = 0) -> list[tuple[str, float, float, float, int]]:
-    """Per level of `other`: range across every `axis` level present there, with a bootstrap CI."""
-    rows = []
-    rng = np.random.default_rng(seed)
-    for level, g in values.groupby(other, sort=True):
-        cells = [h.value.to_numpy(float) for _, h in g.groupby(axis)]
+def axis_contrast(values: pd.DataFrame, axis: str, strata: list[str], seed: int = 0) -> tuple[float, float, float] | None:
+    """(point, low, high) of the best-minus-worst contrast across `axis`'s levels within each combination of the
+    `strata` columns where at least two levels ran, averaged over those combinations; seeds drawn jointly for
+    every cell (one generator seed, so every stratum draws the same seeds)."""
+    groups = values.groupby(strata, sort=True) if strata else [((), values)]
+    pts, reps = [], []
+    for _, g in groups:
+        cells = {(k,): h.groupby("seed").value.mean() for k, h in g.dropna(subset=["value"]).groupby(axis)}
         if len(cells) < 2:
             continue
-        point = max(c.mean() for c in cells) - min(c.mean() for c in cells)
-        boot = [np.ptp([rng.choice(c, len(c)).mean() for c in cells]) for _ in range(N_BOOT)]
-        rows.append((str(level), point, *np.percentile(boot, [2.5, 97.5]), len(cells)))
+        point, boot = _paired_means(cells, seed)
+        p, r = _contrasts(point, boot, [list(cells)])
+        pts.append(p[0])
+        reps.append(r[:, 0])
+    if not pts:
+        return None
+    rep = np.mean(reps, axis=0)
+    lo, hi = np.percentile(rep, [2.5, 97.5])
+    return float(np.mean(pts)), float(lo), float(hi)
+
+
+def _within(values: pd.DataFrame, axis: str, other: str, seed: int = 0) -> list[tuple[str, float, float, float, int]]:
+    """Per level of `other`: best-minus-worst contrast across every `axis` level present there (pooled over the
+    remaining axes), with a paired-bootstrap CI."""
+    rows = []
+    for level, g in values.groupby(other, sort=True):
+        cells = {(k,): h.groupby("seed").value.mean() for k, h in g.groupby(axis)}
+        if len(cells) < 2:
+            continue
+        point, boot = _paired_means(cells, seed)
+        p, reps = _contrasts(point, boot, [list(cells)])
+        rows.append((str(level), float(p[0]), *np.percentile(reps[:, 0], [2.5, 97.5]), len(cells)))
     return rows
 
 
@@ -113,19 +158,20 @@ def spread_section(df: pd.DataFrame, seeds: pd.DataFrame, metric: str) -> list[s
                   f"{metric} averaged over the learning curve": curve,
                   "NFE to threshold (never reached = budget)": censored}
     lines = ["", "## Spread across factors", "",
-             "Does one factor move the result more than another? For each pair of axes: the range (max - min) of the "
+             "Does one factor move the result more than another? For each pair of axes: the best-minus-worst spread of the "
              "per-level means of one axis, within each level of the other, averaged over those levels; and the same "
              "the other way round, over the levels present in every combination (a level missing somewhere, e.g. "
              "an objective skipped under one estimator, is left out here and shown in the per-level table), inside each "
              "combination of the remaining axes so that no third factor is confounded with either. 95% CIs "
-             "from a bootstrap over seeds within each cell; 'larger' needs the CI of the difference to exclude 0. "
-             "With 3 seeds a range is biased upwards by seed noise, equally for both factors.", ""]
+             "from a paired bootstrap over seeds (the same seeds drawn for every cell, so bit-identical cells stay "
+             "identical); the spread is the contrast between the best and the worst level by point estimate, "
+             "resampled as that fixed contrast. 'larger' needs the CI of the difference to exclude 0.", ""]
     for ax, ay in itertools.combinations(axes, 2):
         nx, ny = ax[5:], ay[5:]
         others = [a for a in axes if a not in (ax, ay)]
         rows, per_level, strata = [], [], {}
         for label, series in quantities.items():
-            vals = seeds[["cell", ax, ay, *others]].assign(value=seeds.cell.map(series)).dropna()
+            vals = seeds[["cell", "seed", ax, ay, *others]].assign(value=seeds.cell.map(series)).dropna()
             res = stratified_factor_spread(vals.rename(columns={ax: "x", ay: "y"}), "x", "y", others)
             if not res:
                 continue

@@ -1,63 +1,71 @@
-"""Compute-to-threshold at several thresholds, with speed-ups over the baseline (lower bounds when it never got there)."""
+"""Compute to reach each threshold, censored at the cap: a run that never reached a threshold (out of budget,
+diverged, stopped) counts at the cap rather than being dropped, so every cell has a number; the count of runs that
+reached it is printed beside it, and a mean that includes censored runs is marked as a lower bound (>=). Speed-ups
+over the baseline are ratios of NFE paired by seed, with a t interval on the log scale."""
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pandas as pd
 
-from bench.grid import BASE_CELL
-from bench.stats import bootstrap_ci, compute_to_threshold
+from bench.stats import mean_ci, paired_ratio_ci, ratio_ci
 
 
-def reach_table(df: pd.DataFrame, metric: str, thresholds: list[float]) -> pd.DataFrame:
-    """One row per (run, threshold): NFE at which the run's eval curve first reaches it (nan if never) and its final NFE."""
-    rows = []
-    runs = df[(df.cell != BASE_CELL) & df[metric].notna()]
-    for cell, g in runs.groupby("cell"):
-        g = g.sort_values("iteration")
-        for thr in thresholds:
-            rows.append({"method": g.method.iloc[0], "cell": cell, "threshold": thr, "final_nfe": g.nfe.iloc[-1],
-                         "nfe": compute_to_threshold(g.nfe, g[metric], thr)})
-    return pd.DataFrame(rows)
+def censored_mean_text(times: np.ndarray, reached: np.ndarray) -> str:
+    """'mean [lo, hi] (k/n)', prefixed '>=' when some runs are censored at the cap."""
+    m, lo, hi = mean_ci(times)
+    bound = ">= " if not reached.all() else ""
+    return f"{bound}{m:.3g} [{lo:.3g}, {hi:.3g}] ({int(reached.sum())}/{len(reached)})"
 
 
-def speedup_text(method: pd.DataFrame, base: pd.DataFrame) -> str:
-    """baseline NFE / method NFE; a lower bound '>= x' when some baseline run never reached the threshold."""
-    if method.nfe.isna().any():
-        return "n/a (method did not always reach it)"
-    m = method.nfe.mean()
-    if base.nfe.notna().all():
-        return f"{base.nfe.mean() / m:.2f}x"
-    # Runs that never reached it would have needed more than their whole budget.
-    bound = np.where(base.nfe.isna(), base.final_nfe, base.nfe).mean() / m
-    return f">= {bound:.2f}x (baseline reached it in {int(base.nfe.notna().sum())}/{len(base)} runs)"
+def speedup(method: pd.DataFrame, base: pd.DataFrame, t: float) -> tuple[tuple[float, float, float], str]:
+    """(baseline NFE / method NFE with its 95% CI, qualifier): paired by seed when the seeds match, else two
+    independent groups. The qualifier says which way censoring biases it."""
+    col, hit = f"nfe@{t:g}", f"reached@{t:g}"
+    pair = method.set_index("seed")[[col]].join(base.set_index("seed")[[col]].add_suffix("_b"), how="inner")
+    if len(pair) >= 2:
+        r = paired_ratio_ci(pair[f"{col}_b"].to_numpy(float), pair[col].to_numpy(float))
+    else:
+        r = ratio_ci(base[col].to_numpy(float), method[col].to_numpy(float))
+    m_all, b_all = bool(method[hit].all()), bool(base[hit].all())
+    if m_all and not b_all:
+        return r, ">= "  # the baseline would have needed more than the cap
+    if b_all and not m_all:
+        return r, "<= "
+    if not m_all and not b_all:
+        return r, "~ "  # both censored: no direction
+    return r, ""
 
 
-def thresholds_section(df: pd.DataFrame, grid_cfg: dict, baseline: str | None) -> list[str]:
-    report = grid_cfg.get("report", {}) or {}
-    metric = report.get("metric", "eval_reward")
-    thresholds = [float(t) for t in (report.get("thresholds") or [])]
-    if not thresholds or metric not in df:
-        return []
-    table = reach_table(df, metric, thresholds)
-    if not len(table):
+def thresholds_section(runs: pd.DataFrame, metric: str, thresholds: list[float], baseline: str | None,
+                       cap: float, methods: list[str]) -> list[str]:
+    """report.md lines: per method and threshold, NFE to reach it and the speed-up over the baseline."""
+    if not thresholds or not len(runs):
         return []
     out = ["", f"## Compute to reach {metric} thresholds", "",
-           "Mean NFE over the runs that reached the threshold [95% bootstrap CI] (runs reached / runs), and the "
-           "speed-up over the baseline (baseline NFE / method NFE).", "",
+           f"Mean NFE over runs [95% t interval] (runs that reached it / runs). A run that never reached a threshold "
+           f"within the budget (or diverged first) counts at the cap, {cap:.3g} NFE: it is censored, not dropped, so "
+           "a mean with censored runs is a lower bound (>=). Speed-up = baseline NFE / method NFE, the geometric mean "
+           "of per-seed ratios with a 95% t interval (>=: only the baseline had censored runs, so the true "
+           "speed-up is at least this; <=: only the method; ~: both).", "",
            "| method | " + " | ".join(f"NFE to {t:g}" for t in thresholds) + " | "
            + " | ".join(f"speed-up at {t:g}" for t in thresholds) + " |",
            "|---" * (1 + 2 * len(thresholds)) + "|"]
-    for method, g in table.groupby("method", sort=True):
-        cells, speed = [], []
+    base = runs[runs.method == baseline] if baseline is not None else runs.iloc[:0]
+    for method in methods:
+        g = runs[runs.method == method]
+        if not len(g):
+            continue
+        cells = [censored_mean_text(g[f"nfe@{t:g}"].to_numpy(float), g[f"reached@{t:g}"].to_numpy(bool))
+                 for t in thresholds]
+        speed = []
         for t in thresholds:
-            gt = g[g.threshold == t]
-            mean, lo, hi = bootstrap_ci(gt.nfe.to_numpy(float))
-            reached = f"({int(gt.nfe.notna().sum())}/{len(gt)})"
-            cells.append(f"{mean:.0f} [{lo:.0f}, {hi:.0f}] {reached}" if math.isfinite(mean) else f"never {reached}")
-            base = table[(table.method == baseline) & (table.threshold == t)] if baseline else pd.DataFrame()
-            speed.append("baseline" if method == baseline else speedup_text(gt, base) if len(base) else "n/a")
+            if method == baseline:
+                speed.append("(baseline)")
+            elif not len(base):
+                speed.append("no baseline")
+            else:
+                (r, lo, hi), q = speedup(g, base, t)
+                speed.append(f"{q}{r:.2f}x [{lo:.2f}, {hi:.2f}]")
         name = f"**{method}**" if method == baseline else method
         out.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(speed) + " |")
     return out

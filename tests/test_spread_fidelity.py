@@ -34,7 +34,7 @@ def test_spread_section_verdict():
         for obj, d in (("epg", 0.0), ("grpo", 0.02), ("par", -0.01)):
             for seed in range(3):
                 acc = shift + d + rng.normal(0, 0.01)
-                rows.append({"cell": f"{est}-{obj}-{seed}", "axis:estimator": est, "axis:objective": obj,
+                rows.append({"cell": f"{est}-{obj}-{seed}", "seed": seed, "axis:estimator": est, "axis:objective": obj,
                              "eval_accuracy": acc, "nfe_to_threshold": np.nan, "final_nfe": 100.0})
     seeds = pd.DataFrame(rows)
     df = pd.DataFrame([{"cell": r["cell"], "nfe": n, "eval_accuracy": r["eval_accuracy"] * n / 100}
