@@ -10,8 +10,25 @@ from torch import nn
 from bench.errors import UserError
 from bench.policy import Cond, Policy
 
-# Flow-GRPO (Liu et al. 2025, arXiv 2505.05470) trains LoRA r=32, alpha=64 on SD3.5-M's attention projections.
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# Named LoRA target sets, usable as items of world.lora.targets beside plain module-name suffixes.
+LORA_TARGET_SETS = {
+    # Flow-GRPO, DiffusionNFT, AWM and the ELBO repo (scripts/train_sd3.py `target_modules`): both streams of the
+    # joint attention `attn`; SD3.5's second, image-only attention `attn2` is left alone. 191 layers on SD3.5-M.
+    "joint_attention": ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                        "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"),
+    # The image-stream projections of every attention (attn and attn2), no text stream: 148 layers on SD3.5-M.
+    "image_attention": ("to_q", "to_k", "to_v", "to_out.0"),
+}
+# Flow-GRPO (Liu et al. 2025, arXiv 2505.05470) trains LoRA r=32, alpha=64 on the joint-attention set.
+DEFAULT_TARGETS = ("joint_attention",)
+
+
+def lora_targets(targets: Sequence[str]) -> list[str]:
+    """Module-name suffixes for peft: each item is a LORA_TARGET_SETS name (expanded) or a suffix (kept)."""
+    out: list[str] = []
+    for t in targets:
+        out.extend(LORA_TARGET_SETS.get(str(t), (str(t),)))
+    return list(dict.fromkeys(out))
 ADAPTER = "default"
 
 
@@ -22,12 +39,13 @@ def add_lora(transformer: nn.Module, r: int = 32, alpha: float = 64, targets: Se
 
     if int(r) < 1:
         raise UserError(f"world.lora.r={r} must be >= 1")
-    targets = list(targets)
+    targets = lora_targets(targets)
     names = {n for n, _ in transformer.named_modules()}
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise UserError(f"world.lora.targets {missing} match no module of {type(transformer).__name__}; "
-                        "valid examples: to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out")
+                        f"valid: a set ({', '.join(LORA_TARGET_SETS)}) or suffixes such as attn.to_q, "
+                        "attn.add_q_proj, attn.to_add_out, to_out.0")
     # No LoRA dropout: the policy runs in eval mode (deterministic rollouts, ratios exactly 1 before an update),
     # where dropout would be off anyway.
     config = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=0.0, init_lora_weights="gaussian",
