@@ -123,6 +123,11 @@ def factor_effect(runs: pd.DataFrame, axis: str, level: str, ref: str, metric: s
                   int(seeds.nunique()), len(strata), reached, identical)
 
 
+def fmt_nfe(v: float) -> str:
+    """An NFE count as 202k / 1.2M."""
+    return f"{v / 1e6:.3g}M" if v >= 1e6 else f"{v / 1e3:.3g}k" if v >= 1e3 else f"{v:.0f}"
+
+
 def _x(v: tuple[float, float, float]) -> str:
     return f"{v[0]:.2f}x [{v[1]:.2f}, {v[2]:.2f}]"
 
@@ -135,7 +140,8 @@ def _ci(v: tuple[float, float, float], signed: bool = False) -> str:
 def effect_sentence(e: Effect, metric: str, cap: float) -> str:
     """One sentence: which level wins, by how much, at what threshold, over how many seeds."""
     m = metric.removeprefix("eval_")
-    where = f"{e.seeds} seeds" + (f" x {e.strata} combinations of the other axes" if e.strata > 1 else "")
+    where = (f"{e.seeds} seeds" if e.seeds > 1 else "1 seed, so no interval") + (
+        f" x {e.strata} combinations of the other axes" if e.strata > 1 else "")
     if e.identical:
         return (f"**{e.axis}**: `{e.level}` and `{e.ref}` are bit-identical in all {e.reached[1]} paired runs "
                 f"({where}): the factor has no effect here by construction (ratio 1.00x exactly).")
@@ -145,13 +151,16 @@ def effect_sentence(e: Effect, metric: str, cap: float) -> str:
     faster = e.ratio[0] >= 1
     win, lose = (e.level, e.ref) if faster else (e.ref, e.level)
     r = e.ratio if faster else (1 / e.ratio[0], 1 / e.ratio[2], 1 / e.ratio[1])
-    sure = "" if (r[1] > 1) else " (the interval includes 1: not distinguishable)"
     censored = ""
     if e.reached[0] < e.reached[1] or e.reached[2] < e.reached[3]:
-        censored = (f"; runs that never reached it count at the {cap:.3g}-NFE cap (reached: `{e.level}` "
+        censored = (f"; runs that never reached it count at the {fmt_nfe(cap)}-NFE cap (reached: `{e.level}` "
                     f"{e.reached[0]}/{e.reached[1]}, `{e.ref}` {e.reached[2]}/{e.reached[3]})")
-    return (f"**{e.axis}**: `{win}` reaches {m} {e.threshold:g} with {_x(r)} fewer NFE than `{lose}`{sure} "
-            f"({where}{censored}); final {m} `{e.level}` minus `{e.ref}`: {_ci(e.final_diff, True)}.")
+    final = f"final {m} `{e.level}` minus `{e.ref}`: {_ci(e.final_diff, True)}"
+    if r[1] <= 1:
+        return (f"**{e.axis}**: `{win}` and `{lose}` are not distinguishable: at {m} {e.threshold:g} `{win}` needs "
+                f"{_x(r)} fewer NFE, an interval that includes 1 ({where}{censored}); {final}.")
+    return (f"**{e.axis}**: `{win}` reaches {m} {e.threshold:g} with {_x(r)} fewer NFE than `{lose}` "
+            f"({where}{censored}); {final}.")
 
 
 def factor_effects(runs: pd.DataFrame, baseline_axes: dict[str, str], metric: str,
@@ -192,7 +201,7 @@ def summary_lines(runs: pd.DataFrame, df: pd.DataFrame, metric: str, thresholds:
     if len(ranked) >= 2:
         (top, v), rest = ranked[0], ranked[1:]
         lines.append(f"- **{top} matters most**: across its levels the area under the {m}-vs-NFE curve (mean {m} over "
-                     f"the {cap:.3g}-NFE budget) moves by {_ci(v)}, against "
+                     f"the {fmt_nfe(cap)}-NFE budget) moves by {_ci(v)}, against "
                      + ", ".join(f"{a} {_ci(w)}" for a, w in rest) + " (paired bootstrap over seeds).")
     elif len(ranked) == 1:
         lines.append(f"- One factor varies: **{ranked[0][0]}** moves the {m} AUC by {_ci(ranked[0][1])}.")

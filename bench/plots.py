@@ -5,6 +5,7 @@ points) as a black staircase whose legend names the methods on it. Every method 
 and line style, so the plots read in greyscale)."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -83,7 +84,7 @@ def _panel(ax, df: pd.DataFrame, x: str, y: str, style: dict[str, dict], thresho
     if front:
         fx, fy, _ = zip(*front)
         ax.step(fx, fy, where="post", color="black", linewidth=1.0, linestyle=(0, (2, 1.5)),
-                label="Pareto front over the curves: " + ", ".join(on_front))
+                label=textwrap.fill("Pareto front over the curves: " + ", ".join(on_front), 70))
     for t in thresholds:
         ax.axhline(t, color="grey", linewidth=0.7, linestyle="--")
     base = df[df.cell == BASE_CELL]
@@ -99,7 +100,7 @@ def _panel(ax, df: pd.DataFrame, x: str, y: str, style: dict[str, dict], thresho
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     with store.atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 
@@ -110,8 +111,9 @@ def _styles(df: pd.DataFrame) -> dict[str, dict]:
 
 def headline_plot(df: pd.DataFrame, metric: str, thresholds: list[float], path: Path, title: str = "") -> Path:
     """The report's first plot: the report metric against NFE, with the thresholds the summary speaks of."""
-    fig, ax = plt.subplots(figsize=(10, 5.2))
+    fig, ax = plt.subplots(figsize=(13, 5.2))
     _panel(ax, df, "nfe", metric, _styles(df), thresholds)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.9)
     ax.set_title(f"{title}: mean over seeds, markers at eval points, band 95% t interval, dashed: thresholds",
                  fontsize=10)
     return _save(fig, path)

@@ -21,7 +21,7 @@ import yaml
 
 from bench import store
 from bench.errors import UserError
-from bench.findings import budget_cap, headline_threshold, identical_groups, run_table, summary_lines
+from bench.findings import budget_cap, fmt_nfe, headline_threshold, identical_groups, run_table, summary_lines
 from bench.grid import BASE_CELL
 from bench.plots import headline_plot, pareto_plot
 from bench.report_html import render_png, write_html
@@ -251,13 +251,13 @@ def render_report(df: pd.DataFrame, grid_cfg: dict, title: str, grid_dir: Path |
     if pending:
         notes.append(f"{pending} cells not finished (see Cells): the figures cover finished runs only")
     out += [f"- {n[0].upper() + n[1:]}." for n in notes]
-    out += ["- Intervals are 95% Student-t over seeds (ratios: on the log scale); 3-seed percentile-bootstrap "
-            "intervals undercover (see tests/test_stats_coverage.py and the README)."]
+    out += ["- Intervals are 95% Student-t over seeds (ratios: on the log scale); percentile-bootstrap intervals "
+            "undercover with 3-5 seeds (measured coverage: docs/statistics.md)."]
     out += ["", "![headline: learning curves against NFE](headline.png)", ""]
     if len(runs):
         out += ["## Methods", "",
                 f"Final figures of each method's runs (mean [95% t interval]); AUC: the mean {metric} over the "
-                f"{cap:.3g}-NFE budget (area under the learning curve / budget); NFE to the headline threshold "
+                f"{fmt_nfe(cap)}-NFE budget (area under the learning curve / budget); NFE to the headline threshold "
                 f"{t_star:g} counts runs that never reached it at the cap (>=: a lower bound)." if t_star is not None
                 else f"Final figures of each method's runs (mean [95% t interval]); AUC: the mean {metric} over the budget.",
                 ""]

@@ -60,4 +60,10 @@ def test_fidelity_lab_end_to_end(tmp_path, digits_cache):
     samples = pd.read_parquet(lab / "samples.parquet")
     assert len(samples) == 2 * 8 * (1 + 2 + 2)  # updates x samples x (stepwise once, two ELBO settings twice)
     assert (lab / "scatter.png").stat().st_size > 0
-    assert "Stepwise rows estimate the path log-ratio" in (lab / "report.md").read_text()
+    md = (lab / "report.md").read_text()
+    assert "Stepwise rows estimate the path log-ratio" in md
+    # The headline statistics are per update count, never pooled over them.
+    assert "- After 1 update: the best rank agreement" in md and "- After 2 updates:" in md
+    assert "Spearman @1 |" in md and "pooled" not in md.split("## Estimators")[1].split("\n")[2]
+    html = (lab / "report.html").read_text()
+    assert "<table>" in html and 'src="data:image/png;base64,' in html
