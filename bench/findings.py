@@ -31,6 +31,8 @@ def run_table(df: pd.DataFrame, metric: str, thresholds: list[float]) -> pd.Data
     cap = budget_cap(df)
     rows = []
     runs = df[(df.cell != BASE_CELL) & df.state.isin(SETTLED) & df.eval_reward.notna()]
+    # Device-seconds have no fixed budget: a run that never got there counts at the longest run's device time.
+    cap_s = float(runs.groupby("cell").device_hours.max().max() * 3600) if len(runs) else float("nan")
     for cell, g in runs.groupby("cell"):
         g = g.sort_values("iteration")
         last = g.iloc[-1]
@@ -41,6 +43,7 @@ def run_table(df: pd.DataFrame, metric: str, thresholds: list[float]) -> pd.Data
                "auc": learning_curve_auc(g.nfe, g[metric], cap) if metric in g else float("nan")}
         for t in thresholds:
             row[f"nfe@{t:g}"], row[f"reached@{t:g}"] = censored_time(g.nfe, g[metric], t, cap)
+            row[f"sec@{t:g}"] = censored_time(g.device_hours * 3600, g[metric], t, cap_s)[0]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -83,6 +86,7 @@ class Effect:
     strata: int
     reached: tuple[int, int, int, int]          # level reached / runs, reference reached / runs
     identical: bool
+    seconds_ratio: tuple[float, float, float] = (float("nan"),) * 3  # the same speed-up in device-seconds
 
 
 def _pairs(runs: pd.DataFrame, axis: str, level: str, ref: str) -> pd.DataFrame:
@@ -112,15 +116,19 @@ def factor_effect(runs: pd.DataFrame, axis: str, level: str, ref: str, metric: s
     identical = all(np.array_equal(p[c].to_numpy(float), p[f"{c}_ref"].to_numpy(float), equal_nan=True)
                     for c in p.columns if c.startswith("eval_") and f"{c}_ref" in p)
     if chosen is not None:
-        logr = pd.Series(np.log(p[f"nfe@{chosen:g}_ref"].to_numpy(float) / p[f"nfe@{chosen:g}"].to_numpy(float)),
-                         index=seeds).groupby(level=0).mean()
-        ratio = paired_ratio_ci(np.exp(logr.to_numpy()), np.ones(len(logr)))
+        def per_seed(col: str) -> tuple[float, float, float]:
+            logr = pd.Series(np.log(p[f"{col}_ref"].to_numpy(float) / p[col].to_numpy(float)),
+                             index=seeds).groupby(level=0).mean()
+            return paired_ratio_ci(np.exp(logr.to_numpy()), np.ones(len(logr)))
+
+        ratio = per_seed(f"nfe@{chosen:g}")
+        seconds = per_seed(f"sec@{chosen:g}")
         reached = (int(p[f"reached@{chosen:g}"].sum()), len(p), int(p[f"reached@{chosen:g}_ref"].sum()), len(p))
     else:
-        ratio, reached = (float("nan"),) * 3, (0, len(p), 0, len(p))
+        ratio, seconds, reached = (float("nan"),) * 3, (float("nan"),) * 3, (0, len(p), 0, len(p))
     diff = pd.Series(p[metric].to_numpy(float) - p[f"{metric}_ref"].to_numpy(float), index=seeds)
     return Effect(axis[5:], level, ref, chosen, ratio, mean_ci(diff.groupby(level=0).mean()),
-                  int(seeds.nunique()), len(strata), reached, identical)
+                  int(seeds.nunique()), len(strata), reached, identical, seconds)
 
 
 def fmt_nfe(v: float) -> str:
@@ -137,8 +145,9 @@ def _ci(v: tuple[float, float, float], signed: bool = False) -> str:
     return f"{v[0]:{s}.2f} [{v[1]:{s}.2f}, {v[2]:{s}.2f}]"
 
 
-def effect_sentence(e: Effect, metric: str, cap: float) -> str:
-    """One sentence: which level wins, by how much, at what threshold, over how many seeds."""
+def effect_sentence(e: Effect, metric: str, cap: float, seconds: bool = False, why: str = "") -> str:
+    """One sentence: which level wins, by how much, at what threshold, over how many seeds (with `seconds`, also
+    the speed-up in device-seconds; `why` says what the comparison isolates)."""
     m = metric.removeprefix("eval_")
     where = (f"{e.seeds} seeds" if e.seeds > 1 else "1 seed, so no interval") + (
         f" x {e.strata} combinations of the other axes" if e.strata > 1 else "")
@@ -156,6 +165,11 @@ def effect_sentence(e: Effect, metric: str, cap: float) -> str:
         censored = (f"; runs that never reached it count at the {fmt_nfe(cap)}-NFE cap (reached: `{e.level}` "
                     f"{e.reached[0]}/{e.reached[1]}, `{e.ref}` {e.reached[2]}/{e.reached[3]})")
     final = f"final {m} `{e.level}` minus `{e.ref}`: {_ci(e.final_diff, True)}"
+    if seconds and all(math.isfinite(v) for v in e.seconds_ratio):
+        sr = e.seconds_ratio if faster else (1 / e.seconds_ratio[0], 1 / e.seconds_ratio[2], 1 / e.seconds_ratio[1])
+        final = f"in device-seconds (noisy on a shared CPU) {_x(sr)}; " + final
+    if why:
+        final += f" ({why})"
     if r[1] <= 1:
         return (f"**{e.axis}**: `{win}` and `{lose}` are not distinguishable: at {m} {e.threshold:g} `{win}` needs "
                 f"{_x(r)} fewer NFE, an interval that includes 1 ({where}{censored}); {final}.")
@@ -192,10 +206,16 @@ def importance(runs: pd.DataFrame) -> list[tuple[str, tuple[float, float, float]
 
 
 def summary_lines(runs: pd.DataFrame, df: pd.DataFrame, metric: str, thresholds: list[float],
-                  baseline_axes: dict[str, str]) -> list[str]:
-    """The report's opening bullets: one sentence per factor level, which factor matters most, and failures."""
+                  baseline_axes: dict[str, str], contrasts: list[dict] | None = None) -> list[str]:
+    """The report's opening bullets: one sentence per factor level against the reference level, one per
+    requested contrast (grid.report.contrasts: [{axis, levels: [a, b], why}], with device-seconds too), and which
+    factor matters most."""
     cap = budget_cap(df)
     lines = [f"- {effect_sentence(e, metric, cap)}" for e in factor_effects(runs, baseline_axes, metric, thresholds)]
+    for c in contrasts or []:
+        axis, (a, b) = f"axis:{c['axis']}", c["levels"]
+        if axis in runs and (e := factor_effect(runs, axis, str(a), str(b), metric, thresholds)) is not None:
+            lines.append(f"- {effect_sentence(e, metric, cap, seconds=True, why=c.get('why', ''))}")
     ranked = importance(runs)
     m = metric.removeprefix("eval_")
     if len(ranked) >= 2:

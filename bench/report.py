@@ -232,7 +232,8 @@ def render_report(df: pd.DataFrame, grid_cfg: dict, title: str, grid_dir: Path |
         if baseline is not None:
             b = runs[runs.method == baseline].iloc[0]
             axes_of_base = {c[5:]: b[c] for c in runs.columns if c.startswith("axis:") and isinstance(b[c], str)}
-        out += summary_lines(runs, df, metric, thresholds, axes_of_base)
+        out += summary_lines(runs, df, metric, thresholds, axes_of_base,
+                             (grid_cfg.get("report") or {}).get("contrasts"))
         t_star = headline_threshold(runs, thresholds, runs.method == baseline if baseline else None)
     else:
         t_star = None

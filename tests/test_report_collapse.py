@@ -52,7 +52,8 @@ def build_grid(root: Path) -> Path:
     grid.mkdir()
     (grid / "grid.yaml").write_text(yaml.safe_dump({
         "name": "g", "budget_text": "nfe=100000", "baseline": {"estimator": "stepwise", "objective": "grpo_clip"},
-        "report": {"metric": "eval_accuracy", "threshold": 0.8, "thresholds": [0.5, 0.8]}}))
+        "report": {"metric": "eval_accuracy", "threshold": 0.8, "thresholds": [0.5, 0.8],
+                   "contrasts": [{"axis": "estimator", "levels": ["elbo", "stepwise"], "why": "the estimator alone"}]}}))
     (grid / "base").mkdir()
     (grid / "base" / "metrics.json").write_text(json.dumps(BASE))
     cells = []
@@ -107,6 +108,9 @@ def test_summary_first_with_ratios_and_no_na(report: tuple[Path, str]) -> None:
                      r"than `stepwise`", first), first
     assert "**objective**: `epg` and `grpo_clip` are bit-identical" in first
     assert "matters most" in first
+    contrast = next(ln for ln in first.splitlines() if "in device-seconds" in ln)
+    assert re.search(r"in device-seconds \(noisy on a shared CPU\) \d+\.\d\dx \[", contrast)
+    assert contrast.endswith("(the estimator alone).")
     assert (report[0] / "headline.png").stat().st_size > 10_000
 
 
