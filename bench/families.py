@@ -40,6 +40,18 @@ class ModelFamily:
         """(alpha_t, sigma_t) at times t."""
         raise NotImplementedError
 
+    def alpha2_sigma2(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t^2, sigma_t^2) in t's dtype (VP: abar and 1 - abar, unrounded by square roots)."""
+        a, s = self.alpha_sigma(t)
+        return a**2, s**2
+
+    def ddim_variance(self, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+        """The DDIM posterior variance at eta = 1, sigma'^2 (1 - (alpha sigma')^2 / (alpha' sigma)^2) (0 where alpha = 0)."""
+        a2, s2 = self.alpha2_sigma2(t)
+        a2n, s2n = self.alpha2_sigma2(t_next)
+        ratio = torch.where(a2 > 0, a2 * s2n / (a2n * s2).clamp_min(torch.finfo(s2.dtype).tiny), torch.zeros_like(a2))
+        return (s2n * (1 - ratio)).clamp_min(0)
+
     def noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t for data x0 and noise eps at times t (per sample, or already broadcast)."""
         a, s = self.alpha_sigma(t)
@@ -200,10 +212,22 @@ class VariancePreserving(ModelFamily):
         slope = (knots[i + 1] - knots[i]) * self.num_train_timesteps
         return knots[i] + (s - i) * (knots[i + 1] - knots[i]), slope
 
-    def alpha_sigma(self, t):
+    def alpha2_sigma2(self, t):
         ab, _ = self.abar(t)
         dtype = t.dtype if torch.is_tensor(t) and t.is_floating_point() else torch.float32
-        return ab.sqrt().to(dtype), (1 - ab).sqrt().to(dtype)
+        # Rounded to t's dtype first, as DDIMScheduler works on its float32 alphas_cumprod.
+        ab = ab.to(dtype)
+        return ab, 1 - ab
+
+    def alpha_sigma(self, t):
+        ab, one_minus = self.alpha2_sigma2(t)
+        return ab.sqrt(), one_minus.sqrt()
+
+    def ddim_variance(self, t, t_next):
+        # DDIM eq. 16 in DDIMScheduler's order: (1 - abar') / (1 - abar) (1 - abar / abar').
+        ab, beta = self.alpha2_sigma2(t)
+        ab_n, beta_n = self.alpha2_sigma2(t_next)
+        return (beta_n / beta) * (1 - ab / ab_n)
 
     # -- parameterisations ----------------------------------------------------------------------
     def target(self, x0, eps, t):
