@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from bench.errors import UserError
 from bench.policy import PolicyCall
 from estimators import ESTIMATORS
 from samplers import SAMPLERS
@@ -81,7 +82,7 @@ def test_trajectory_noisings_are_the_rollouts_own_nodes(tiny_policy, meter, samp
     nodes = r.path_nodes(units).gather(1, step)
     torch.testing.assert_close(x_t, r.x[nodes], rtol=0, atol=1e-6)
     assert (r.t[nodes] == d["t"]).all()
-    with pytest.raises(ValueError, match="set timesteps=grid"):
+    with pytest.raises(UserError, match="timesteps=grid"):
         ESTIMATORS.get("elbo")({"noising": "trajectory", "timesteps": "uniform"})
 
 

@@ -405,3 +405,19 @@ def test_joint_attention_lora_set_is_the_peers_target_modules():
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in m.named_parameters() if ".lora_A." in n}
     assert adapted == expected and not any(".attn2." in n for n in adapted)
     assert any(n.endswith("attn.add_q_proj") for n in adapted)
+
+
+@pytest.mark.parametrize("per_draw", [False, True])
+def test_grid_draws_without_replacement_are_a_permutation_prefix(per_draw):
+    """NVlabs/DiffusionNFT scripts/train_nft_sd3.py@24af555 (perms_time = randperm(num_timesteps) per sample, then
+    the first int(10 x 0.99) = 9 of them) and the ELBO repo src/utils/base.py@c257000 (the same per-sample
+    shuffle, one loss per j_idx): each sample's 9 draws are distinct grid times of the 10."""
+    est, rollout, units, draws, model, x0, policy = _elbo_setup(
+        {"J": 9, "timesteps": "grid", "grid_draws": "without_replacement", "per_draw": per_draw})
+    t = draws["t"].reshape(3, 9)
+    grid = rollout.schedule[:-1].float()
+    for row in t:
+        assert len(set(row.tolist())) == 9
+        assert all(bool((grid.double() == v).any()) for v in row)
+    with pytest.raises(Exception, match="grid_draws=without_replacement"):
+        _elbo_setup({"J": 11, "timesteps": "grid", "grid_draws": "without_replacement"})

@@ -123,7 +123,7 @@ def test_training_on_tree_one_forward_per_parent_and_ratio_one(tmp_path, monkeyp
     cfg = compose_config(["method=tree_grpo", f"results_dir={tmp_path}", "budget.iterations=1",
                           "train.prompts_per_iter=2", "train.group_size=27", "train.minibatches=2",
                           "sampler.window.schedule=fixed", "sampler.window.start=2",
-                          "world.eval.samples_per_class=1"])
+                          "world.eval.samples_per_class=2"])
     from bench.train import train_cell
 
     train_cell(cfg, tmp_path / "cell")
