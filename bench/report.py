@@ -21,7 +21,7 @@ import yaml
 
 from bench import store
 from bench.errors import UserError
-from bench.findings import budget_cap, fmt_nfe, headline_threshold, identical_groups, run_table, summary_lines
+from bench.findings import SETTLED, budget_cap, fmt_nfe, headline_threshold, identical_groups, run_table, summary_lines
 from bench.grid import BASE_CELL
 from bench.plots import headline_plot, pareto_plot
 from bench.report_html import render_png, write_html
@@ -51,6 +51,8 @@ def fmt_compute(v: float) -> str:
 def cost_per_iteration(df: pd.DataFrame) -> pd.DataFrame:
     """Per run: training wall seconds, device-seconds and NFEs per iteration (eval excluded), from its last eval row."""
     runs = df[(df.cell != BASE_CELL) & df.eval_reward.notna() & (df.iteration > 0)]
+    if "state" in runs:  # an unfinished cell's cost so far is not its cost
+        runs = runs[runs.state.isin(SETTLED)]
     last = runs.sort_values("iteration").groupby("cell").tail(1)
     return pd.DataFrame({"method": last.method, "seed": last.seed, "iterations": last.iteration,
                          "s_per_iter": last.wall_s / last.iteration,
@@ -267,6 +269,8 @@ def render_report(df: pd.DataFrame, grid_cfg: dict, title: str, grid_dir: Path |
                                                 if c in base and pd.notna(base[c])) + ".", ""]
         out += methods_table(runs, metric, columns, t_star, baseline, methods, aliases, flagged)
         out += thresholds_section(runs, metric, thresholds, baseline, cap, methods)
+        if (grid_cfg.get("report") or {}).get("device_seconds"):  # e.g. trees: fewer NFE is not fewer seconds
+            out += thresholds_section(runs, metric, thresholds, baseline, cap, methods, unit="sec")
         out += collapse_lines
         out += spread_section(df, runs, metric)
         out += statistics_section(runs[runs.method.isin(methods)], baseline, metric)

@@ -17,10 +17,11 @@ def censored_mean_text(times: np.ndarray, reached: np.ndarray) -> str:
     return f"{bound}{m:.3g} [{lo:.3g}, {hi:.3g}] ({int(reached.sum())}/{len(reached)})"
 
 
-def speedup(method: pd.DataFrame, base: pd.DataFrame, t: float) -> tuple[tuple[float, float, float], str]:
-    """(baseline NFE / method NFE with its 95% CI, qualifier): paired by seed when the seeds match, else two
-    independent groups. The qualifier says which way censoring biases it."""
-    col, hit = f"nfe@{t:g}", f"reached@{t:g}"
+def speedup(method: pd.DataFrame, base: pd.DataFrame, t: float, unit: str = "nfe"
+            ) -> tuple[tuple[float, float, float], str]:
+    """(baseline compute / method compute with its 95% CI, qualifier): paired by seed when the seeds match, else
+    two independent groups. The qualifier says which way censoring biases it."""
+    col, hit = f"{unit}@{t:g}", f"reached@{t:g}"
     pair = method.set_index("seed")[[col]].join(base.set_index("seed")[[col]].add_suffix("_b"), how="inner")
     if len(pair) >= 2:
         r = paired_ratio_ci(pair[f"{col}_b"].to_numpy(float), pair[col].to_numpy(float))
@@ -37,17 +38,21 @@ def speedup(method: pd.DataFrame, base: pd.DataFrame, t: float) -> tuple[tuple[f
 
 
 def thresholds_section(runs: pd.DataFrame, metric: str, thresholds: list[float], baseline: str | None,
-                       cap: float, methods: list[str]) -> list[str]:
-    """report.md lines: per method and threshold, NFE to reach it and the speed-up over the baseline."""
+                       cap: float, methods: list[str], unit: str = "nfe") -> list[str]:
+    """report.md lines: per method and threshold, compute to reach it and the speed-up over the baseline; unit
+    "nfe" (model evaluations) or "sec" (device-seconds, censored at the longest run's device time)."""
     if not thresholds or not len(runs):
         return []
-    out = ["", f"## Compute to reach {metric} thresholds", "",
-           f"Mean NFE over runs [95% t interval] (runs that reached it / runs). A run that never reached a threshold "
-           f"within the budget (or diverged first) counts at the cap, {cap:.3g} NFE: it is censored, not dropped, so "
-           "a mean with censored runs is a lower bound (>=). Speed-up = baseline NFE / method NFE, the geometric mean "
-           "of per-seed ratios with a 95% t interval (>=: only the baseline had censored runs, so the true "
-           "speed-up is at least this; <=: only the method; ~: both).", "",
-           "| method | " + " | ".join(f"NFE to {t:g}" for t in thresholds) + " | "
+    name_of = {"nfe": "NFE", "sec": "device-seconds"}[unit]
+    cap_text = f"{cap:.3g} NFE" if unit == "nfe" else "the longest run's device-seconds"
+    out = ["", f"## {name_of} to reach {metric} thresholds", "",
+           f"Mean {name_of} over runs [95% t interval] (runs that reached it / runs). A run that never reached a "
+           f"threshold within the budget (or diverged first) counts at the cap, {cap_text}: it is censored, not "
+           f"dropped, so a mean with censored runs is a lower bound (>=). Speed-up = baseline / method {name_of}, the "
+           "geometric mean of per-seed ratios with a 95% t interval (>=: only the baseline had censored runs, so the "
+           "true speed-up is at least this; <=: only the method; ~: both)."
+           + (" Device-seconds on a shared CPU are noisy." if unit == "sec" else ""), "",
+           "| method | " + " | ".join(f"{name_of} to {t:g}" for t in thresholds) + " | "
            + " | ".join(f"speed-up at {t:g}" for t in thresholds) + " |",
            "|---" * (1 + 2 * len(thresholds)) + "|"]
     base = runs[runs.method == baseline] if baseline is not None else runs.iloc[:0]
@@ -55,7 +60,7 @@ def thresholds_section(runs: pd.DataFrame, metric: str, thresholds: list[float],
         g = runs[runs.method == method]
         if not len(g):
             continue
-        cells = [censored_mean_text(g[f"nfe@{t:g}"].to_numpy(float), g[f"reached@{t:g}"].to_numpy(bool))
+        cells = [censored_mean_text(g[f"{unit}@{t:g}"].to_numpy(float), g[f"reached@{t:g}"].to_numpy(bool))
                  for t in thresholds]
         speed = []
         for t in thresholds:
@@ -64,7 +69,7 @@ def thresholds_section(runs: pd.DataFrame, metric: str, thresholds: list[float],
             elif not len(base):
                 speed.append("no baseline")
             else:
-                (r, lo, hi), q = speedup(g, base, t)
+                (r, lo, hi), q = speedup(g, base, t, unit)
                 speed.append(f"{q}{r:.2f}x [{lo:.2f}, {hi:.2f}]")
         name = f"**{method}**" if method == baseline else method
         out.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(speed) + " |")
