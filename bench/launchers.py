@@ -22,10 +22,9 @@ from typing import Any, Protocol
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from bench import store
+from bench import distributed, lifeline, store
 from bench.errors import UserError
 from bench.execute import SETTLED, Task, base_metrics_path, make_lock, run_task, task_dir
-from bench.lifeline import die_with_parent
 
 LAUNCHERS = ("local", "parallel", "slurm")
 
@@ -72,7 +71,7 @@ class LocalLauncher:
 
 def _init_worker(threads: int, runner: int) -> None:
     # A worker dies with its runner: a runner killed with SIGKILL must not leave workers taking queued cells.
-    die_with_parent(runner)
+    lifeline.die_with_parent(runner)
     # Each worker gets cores // workers threads for torch and for numpy's BLAS (the judges), so workers x threads
     # never exceeds the cores: oversubscribed OpenMP pools spin and slow every worker down.
     import torch
@@ -111,6 +110,7 @@ class ParallelLauncher:
         workers = min(self.workers, len(cells))
         print(f"launcher=parallel: {len(cells)} cell(s) on {workers} worker(s) x {self.threads} thread(s)", flush=True)
         start = time.perf_counter()
+        lifeline.hold_on_children()  # the workers die with this runner from their first `import bench` on
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(self.threads, os.getpid()))
         try:
@@ -250,8 +250,21 @@ def processes_per_cell(cfg: DictConfig) -> int:
     return max(1, int(lc.get("gpus_per_node") or 0))
 
 
+class DataParallelLauncher:
+    """Under `accelerate launch` / torchrun: every rank runs every unit, in order, together (bench.execute's cell
+    lifecycle makes rank 0 the one writer); there is no lock polling, so the ranks never disagree on the order."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def run(self, tasks: list[Task], grid_dir: Path) -> dict[str, str]:
+        return {t.name: run_task(t, grid_dir) for t in tasks}
+
+
 def build_launcher(cfg: DictConfig) -> Launcher:
     check_launcher(cfg)
+    if distributed.active():
+        return DataParallelLauncher(cfg)
     name = str(cfg.launcher.name) if cfg.get("launcher") else "local"
     return {"local": LocalLauncher, "parallel": ParallelLauncher, "slurm": SlurmLauncher}[name](cfg)
 
@@ -267,6 +280,8 @@ def drive(launcher: Launcher, tasks: list[Task], grid_dir: Path, poll_s: float =
     """Run every unit to a settled outcome (done or failed), sharing the grid with any other runner: units locked
     by a live runner are left to it and waited for; units whose runner died (stale lock) are taken over and
     resumed; a unit whose process dies `max_attempts` times counts as failed."""
+    if isinstance(launcher, DataParallelLauncher):  # one pass, the same on every rank
+        return launcher.run(tasks, grid_dir)
     outcome = {t.name: "done" for t in tasks if settled_status(t, grid_dir) == "done"}
     pending = [t for t in tasks if t.name not in outcome]
     attempts: Counter[str] = Counter()

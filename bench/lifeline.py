@@ -14,23 +14,33 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 POLL_S = 0.5
+ENV = "BENCH_DIE_WITH"  # the pid a child of the bench should die with
+_watched: int | None = None  # the parent this process already dies with
 
 
 def _kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _set_pdeathsig() -> bool:
+def _libc_prctl() -> Any:
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return False
+        return None
+
+
+# Looked up once here: a Popen preexec_fn runs between fork and exec, where loading a library could deadlock.
+_PRCTL = _libc_prctl()
+
+
+def _set_pdeathsig() -> bool:
+    return _PRCTL is not None and _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
 
 
 def _watch(parent: int, poll_s: float) -> None:
@@ -42,11 +52,30 @@ def _watch(parent: int, poll_s: float) -> None:
 
 def die_with_parent(parent: int | None = None, poll_s: float = POLL_S) -> None:
     """Make this process die (SIGKILL) as soon as `parent` (default: its current parent) does."""
+    global _watched
     parent = os.getppid() if parent is None else parent
+    if _watched == parent:
+        return
     _set_pdeathsig()
     if os.getppid() != parent:  # the parent died before the line above took effect
         _kill_self()
     threading.Thread(target=_watch, args=(parent, poll_s), name="lifeline", daemon=True).start()
+    _watched = parent
+
+
+def hold_on_children(env: dict[str, str] | None = None) -> None:
+    """Ask the processes this one starts to die with it from their first `import bench` on (see join()): a worker
+    spends seconds importing torch before any code of ours runs, and a runner killed then would leave it."""
+    (os.environ if env is None else env)[ENV] = str(os.getpid())
+
+
+def join() -> None:
+    """Die with the parent if it asked to (hold_on_children), before anything heavy is imported; run by bench's
+    __init__. Only a direct child answers: a grandchild sees another parent and leaves it to its own."""
+    asked = os.environ.get(ENV)
+    if asked and asked.isdigit() and int(asked) == os.getppid():
+        del os.environ[ENV]
+        die_with_parent(int(asked))
 
 
 def preexec_die_with_parent() -> None:

@@ -36,7 +36,7 @@ def _boot_id() -> str | None:
         return None
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
+def proc_stat(pid: int) -> tuple[str, int] | None:
     """(state letter, start time in clock ticks since boot) of a Linux process, or None if unknown."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
@@ -69,7 +69,7 @@ class LockOwner:
 
     @classmethod
     def me(cls) -> LockOwner:
-        stat = _proc_stat(os.getpid())
+        stat = proc_stat(os.getpid())
         job, restarts = _slurm_job()
         return cls(uuid.uuid4().hex, os.getpid(), socket.gethostname(), _boot_id(), stat[1] if stat else None,
                    job, restarts, time.time())
@@ -111,7 +111,7 @@ def stale_reason(path: Path, owner: LockOwner | None, stale_after_s: float) -> s
             return f"pid {owner.pid} on {owner.host} is not running"
         except PermissionError:
             pass  # alive, owned by another user
-        stat = _proc_stat(owner.pid)
+        stat = proc_stat(owner.pid)
         if stat is not None:
             state, start = stat
             if state in ("Z", "X"):  # killed but not yet reaped by its parent: it will never write again

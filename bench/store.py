@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from bench.errors import UserError
 from bench.locks import CellLock
 from bench.statefile import CorruptStateFile, load_state, save_state
+from bench import __version__
 
 STATUS_FILE, METRICS_FILE, CONFIG_FILE = "status.json", "metrics.jsonl", "config.yaml"
 LOCK_FILE, RUNS_FILE, VERSION_FILE = "lock", "runs.jsonl", "VERSION"
@@ -148,7 +149,6 @@ def _warn(line: str) -> None:
 
 
 def bench_version() -> str:
-    from bench import __version__
 
     return __version__
 

@@ -18,6 +18,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from bench import store
+from bench.locks import proc_stat
 from bench.train import TIMING_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +102,43 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def status(cell_dir: Path) -> str:
     return json.loads((cell_dir / store.STATUS_FILE).read_text())["status"]
+
+
+def process_tree(pid: int) -> set[tuple[int, int]]:
+    """(pid, start time) of every live descendant of `pid`, from /proc (Linux): the start time tells a process
+    from a later one that reuses its pid."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                text = (d / "stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(text[text.rindex(")") + 2:].split()[1]), []).append(int(d.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            stat = proc_stat(child)
+            if stat is not None and stat[0] not in "ZX" and (child, stat[1]) not in found:
+                found.add((child, stat[1]))
+                todo.append(child)
+    return found
+
+
+def alive(proc: tuple[int, int]) -> bool:
+    """Whether the process (pid, start time) of process_tree still runs (a zombie does not)."""
+    stat = proc_stat(proc[0])
+    return stat is not None and stat[0] not in "ZX" and stat[1] == proc[1]
+
+
+def survivors(procs: set[tuple[int, int]], wait_s: float = 10.0) -> set[tuple[int, int]]:
+    """Those of `procs` still running after up to `wait_s` seconds (a worker whose runner died must be gone)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = {p for p in procs if alive(p)}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
 
 
 # Runners started as children of a fork server that has already imported the bench: each one starts in a fraction

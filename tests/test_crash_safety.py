@@ -16,7 +16,14 @@ import pytest
 from bench import store
 from bench.locks import CellLock, LockOwner, read_owner, stale_reason
 from runner_helpers import (ONE_CELL, TWO_CELLS, attempts, comparable, digits_cache, metrics, popen,  # noqa: F401
-                            results_dir, run_runner, start_runner, status)
+                            process_tree, results_dir, run_runner, start_runner, status, survivors)
+
+# The headline grid at a reduced budget: its 5 valid cells of seed 0 (stepwise x ode is skipped), a few iterations
+# each, evals and checkpoints at different iterations so kills land between checkpoints.
+HEADLINE = ["grid=elbo_vs_stepwise", "grid.seeds=[0]", "budget.nfe=null", "budget.iterations=4",
+            "eval.every_nfe=null", "eval.every=2", "checkpoint.every=3", "world.eval.samples_per_class=10",
+            "launcher.poll_s=0.2"]
+PARALLEL = ["launcher=parallel", "launcher.workers=2", "launcher.threads_per_worker=1"]
 
 
 def test_sigkill_anywhere_resumes_to_identical_metrics(tmp_path: Path, digits_cache: Path) -> None:
@@ -150,3 +157,85 @@ def test_requeued_slurm_job_takes_its_lock_back(tmp_path: Path, monkeypatch: pyt
     assert stale_reason(path, read_owner(path)[0], 600) is None
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     assert "requeued" in stale_reason(path, read_owner(path)[0], 600)
+
+
+def kill_and_rerun(tmp_path: Path, digits_cache: Path, kills: int, rng: random.Random) -> dict[str, int]:
+    """SIGKILL the runner of HEADLINE at `kills` random moments, the local and the parallel launcher in turn, each
+    kill hitting the rerun after the previous one; then one run to the end. After every kill: no process the runner
+    started is left, and each cell's rows are a prefix of the uninterrupted run's; at the end they are all of it."""
+    ref = results_dir(tmp_path / "ref", digits_cache)
+    start = time.monotonic()
+    assert run_runner([*HEADLINE, f"results_dir={ref}"], timeout=600) == 0
+    full_s = time.monotonic() - start
+    name = HEADLINE[0].split("=")[1]
+    cells = sorted(d.name for d in (ref / name).iterdir() if d.name.endswith("-seed0"))
+    reference = {c: comparable(metrics(ref / name / c)) for c in cells}
+    assert cells and all(len(r) == 5 for r in reference.values())
+
+    res = results_dir(tmp_path / "killed", digits_cache)
+    grid = res / name
+    seen_procs = orphans = 0
+    for k in range(kills):
+        proc = start_runner([*HEADLINE, *(PARALLEL if k % 2 else []), f"results_dir={res}"])
+        deadline = time.monotonic() + rng.uniform(0.2, 0.6 * full_s)
+        tree: set[tuple[int, int]] = set()
+        while time.monotonic() < deadline and proc.is_alive():
+            tree |= process_tree(proc.pid)  # workers, and anything they start, as they appear
+            time.sleep(0.02)
+        proc.kill()
+        proc.join()
+        seen_procs += len(tree)
+        left = survivors(tree)
+        orphans += len(left)
+        assert not left, f"kill {k + 1}: {len(left)} process(es) of the killed runner still run: {left}"
+        for c in cells:
+            rows = comparable(metrics(grid / c))
+            assert rows == reference[c][: len(rows)], f"kill {k + 1}: {c} rows differ from the uninterrupted run"
+    assert run_runner([*HEADLINE, f"results_dir={res}"], timeout=600) == 0
+    compared = 0
+    for c in cells:
+        assert comparable(metrics(grid / c)) == reference[c], c
+        assert status(grid / c) == "done" and not (grid / c / store.LOCK_FILE).exists()
+        compared += len(reference[c])
+    return {"kills": kills, "rows_compared": compared, "processes_seen": seen_procs, "orphans": orphans}
+
+
+def test_three_kills_of_the_headline_grid(tmp_path: Path, digits_cache: Path) -> None:
+    seed = random.randrange(2**32)
+    print(f"random kill moments from seed {seed}")
+    print(kill_and_rerun(tmp_path, digits_cache, 3, random.Random(seed)))
+
+
+@pytest.mark.slow
+def test_twenty_kills_of_the_headline_grid(tmp_path: Path, digits_cache: Path) -> None:
+    seed = random.randrange(2**32)
+    print(f"random kill moments from seed {seed}")
+    print(kill_and_rerun(tmp_path, digits_cache, 20, random.Random(seed)))
+
+
+def test_killed_parallel_runner_takes_its_workers_along(tmp_path: Path, digits_cache: Path) -> None:
+    """The issue's case: kill -9 of a launcher=parallel runner left its workers running, taking queued cells."""
+    res = results_dir(tmp_path, digits_cache)
+    grid = res / "smoke"
+    # Three cells on two workers, long enough never to finish here: one cell waits in the queue.
+    proc = start_runner(["grid=smoke", "budget.iterations=500", "eval.every=100", *PARALLEL, f"results_dir={res}"])
+    deadline = time.monotonic() + 240
+    tree: set[tuple[int, int]] = set()
+    while True:
+        tree |= process_tree(proc.pid)
+        locks = list(grid.glob("*-seed0/" + store.LOCK_FILE))
+        owners = {o.pid for o in (read_owner(p)[0] for p in locks) if o is not None} - {proc.pid}
+        if len(owners) == 2 and all(len(metrics(p.parent)) >= 2 for p in locks):
+            break  # both workers are training
+        assert proc.is_alive() and time.monotonic() < deadline, "the workers never started training"
+        time.sleep(0.05)
+    tree |= process_tree(proc.pid)
+    workers = {p for p in tree if p[0] in owners}
+    assert len(workers) == 2
+    proc.kill()
+    proc.join()
+    assert survivors(tree, wait_s=5) == set(), "processes of the killed runner still run"
+    rows = {c.name: len(metrics(c)) for c in grid.glob("*-seed0")}
+    time.sleep(1.0)
+    assert {c.name: len(metrics(c)) for c in grid.glob("*-seed0")} == rows, "a cell went on after its runner died"
+    assert sum((c / store.RUNS_FILE).exists() for c in grid.glob("*-seed0")) == 2, "nobody took the queued cell"

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import pickle
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ import torch
 
 from bench import store
 from bench.statefile import CorruptStateFile, load_state, save_state
-from runner_helpers import (ONE_CELL, comparable, digits_cache, finished_grid, metrics, results_dir,  # noqa: F401
+from runner_helpers import (ONE_CELL, REPO, comparable, digits_cache, finished_grid, metrics, results_dir,  # noqa: F401
                             run_runner, status)
 
 CELL = "elbo-ode-seed0"  # ONE_CELL: 3 iterations, an eval (so a checkpoint) at each; the newest 2 are kept
@@ -194,3 +197,39 @@ def test_disk_full_names_the_path_exits_3_and_cells_resume(tmp_path: Path, digit
     runs = store.read_jsonl(cell / store.RUNS_FILE)
     assert len(runs) == 2 and runs[1]["resume"]
     assert json.loads((cell / store.STATUS_FILE).read_text()).get("error") is None
+
+
+MOUNT_FAILED = 99
+
+
+@pytest.mark.slow
+def test_disk_full_on_a_real_tmpfs(tmp_path: Path, digits_cache: Path, finished_grid: Path) -> None:
+    """The same on a real full filesystem: a 3 MB tmpfs (in a private mount namespace: `unshare -rm`, no root
+    needed where user namespaces are allowed) holds the first checkpoint but not the second; it is then grown
+    to 64 MB and the same command finishes the cell."""
+    if shutil.which("unshare") is None or shutil.which("bash") is None:
+        pytest.skip("needs util-linux unshare and bash")
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    mnt.mkdir()
+    run = (f"HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 {shlex.quote(sys.executable)} -m bench.run "
+           + " ".join(shlex.quote(a) for a in [*ONE_CELL, f"results_dir={mnt}"]))
+    script = "\n".join([
+        f"mount -t tmpfs -o size=3m tmpfs {mnt} || exit {MOUNT_FAILED}",
+        f"ln -s {digits_cache} {mnt}/cache",
+        f"{run} > {out}.1 2>&1; echo $? > {out}.rc1",
+        f"mount -o remount,size=64m {mnt}",
+        f"{run} > {out}.2 2>&1; echo $? > {out}.rc2",
+        f"cp -r {mnt}/smoke {out}"])
+    proc = subprocess.run(["unshare", "-rm", "bash", "-c", script], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode == MOUNT_FAILED or "unshare failed" in proc.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:200]}")
+    first = Path(f"{out}.1").read_text()
+    errors = [line for line in first.splitlines() if line.startswith("error:")]
+    assert Path(f"{out}.rc1").read_text().strip() == "3", first
+    assert len(errors) == 1 and "disk full writing" in errors[0] and str(mnt) in errors[0], first
+    assert "Traceback" not in first
+    assert Path(f"{out}.rc2").read_text().strip() == "0", Path(f"{out}.2").read_text()
+    assert comparable(metrics(out / CELL)) == comparable(metrics(finished_grid / "smoke" / CELL))
+    runs = store.read_jsonl(out / CELL / store.RUNS_FILE)
+    assert len(runs) == 2 and runs[1]["resume"]
