@@ -18,7 +18,11 @@ class DDIMSampler(ChainSampler):
     std is zero (into clean data) stays deterministic. eta = 0 everywhere is the ODE sampler on VP worlds.
     """
 
-    OPTIONS = {"eta": Option(1.0, float, low=0.0, help="DDIM eta: 0 deterministic (DDIM), 1 DDPM posterior (DDPO)")}
+    OPTIONS = {
+        "eta": Option(1.0, float, low=0.0, help="DDIM eta: 0 deterministic (DDIM), 1 DDPM posterior (DDPO)"),
+        "kernel": Option("ddim", str, choices=("ddim",),
+                         help="its SDE kernel, always DDIM: lets a grid set sampler.kernel=ddim across ddim, tree, mix"),
+    }
 
     def __init__(self, cfg):
         super().__init__(cfg)

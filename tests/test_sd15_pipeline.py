@@ -29,12 +29,11 @@ def world_policy_pipe(tmp_path_factory):
 
     world = SD15World(tiny_config(), tmp_path_factory.mktemp("cache"))
     policy = world.build_policy()
-    # Non-zero LoRA B, so the adapters change the output and the comparison covers the LoRA path too.
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(7)
-        for n, p in policy.trainable_named_parameters().items():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    # Non-zero LoRA B (drawn from a local generator), so the comparison covers the adapters too.
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in (p for n, p in policy.trainable_named_parameters().items() if "lora_B" in n):
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
     c = world.comps
     pipe = StableDiffusionPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
                                    unet=policy.transformer, scheduler=DDIMScheduler.from_config(c["scheduler"].config),
@@ -60,7 +59,7 @@ def test_prompt_embeddings_and_lora_targets(world_policy_pipe):
 def test_ddim_rollout_equals_pipeline(world_policy_pipe, guidance, eta):
     world, policy, pipe = world_policy_pipe
     shape = world.latent_shape
-    assert shape == (4, 16, 16)
+    assert shape == (4, 8, 8)
     gen = torch.Generator().manual_seed(123)
     latents = torch.randn((len(PROMPTS), *shape), generator=gen)
     # The pipeline draws each step's DDIM noise from `generator` after the initial latents, as our sampler does.

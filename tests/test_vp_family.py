@@ -136,3 +136,24 @@ def test_vp_elbo_is_the_ddpm_loss_with_common_random_numbers():
         e = policy.velocity(x_t.flatten(0, 1), t.flatten(), cond)
     ref = -((e - eps.flatten(0, 1)) ** 2).mean(1).view(len(units), 3).mean(1)
     torch.testing.assert_close(out.logp, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # 400 RK4 steps of exact divergences: ~30 s alone, minutes on a busy machine
+def test_exact_likelihood_of_gaussian_data_under_the_vp_ode():
+    """Data N(0, c^2 I) and its exact eps model: the CNF log-likelihood from DDIM's last time t0 = 1/N is the
+    marginal's, log N(x; 0, (abar c^2 + 1 - abar) I), up to the prior mismatch at t = 1 (abar = 0.0047)."""
+    from estimators.exact import cnf_log_likelihood
+
+    c, fam = 0.5, VP_EPS
+
+    def eps_model(y, t, cond):
+        ab = fam.abar(t)[0].to(y.dtype)[:, None]
+        return (1 - ab).sqrt() * y / (ab * c**2 + 1 - ab)
+
+    f = lambda y, t, cond: fam.ode_velocity(y, eps_model(y, t, cond), t)  # noqa: E731
+    x = torch.tensor([[0.3, -0.4], [0.8, 0.1]], dtype=torch.float64)
+    t0 = float(fam.schedule(10)[-1])
+    logp, _ = cnf_log_likelihood(f, x, None, steps=400, method="rk4", t0=t0)
+    var = float(fam.abar(torch.tensor(t0))[0]) * c**2 + 1 - float(fam.abar(torch.tensor(t0))[0])
+    ref = -0.5 * (x**2).sum(1) / var - math.log(2 * math.pi * var)
+    torch.testing.assert_close(logp, ref, rtol=0, atol=0.02)

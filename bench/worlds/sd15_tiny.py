@@ -18,14 +18,14 @@ SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.0
                       clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 
 TINY15 = {
-    "resolution": 32,          # pixels; latents are 4 x 16 x 16
+    "resolution": 32,          # pixels; latents are 4 x 8 x 8 (a 3-block VAE: factor 4)
     "clip_max_length": TINY["clip_max_length"],
-    "unet": dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+    "unet": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=2,
                  norm_num_groups=4),
-    "vae": dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+    "vae": dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 16), layers_per_block=1,
                 latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.18215),
     "clip": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                  max_position_embeddings=TINY["clip_max_length"], hidden_act="quick_gelu", layer_norm_eps=1e-5),
