@@ -23,6 +23,7 @@ from bench.grid import BASE_CELL, Cell
 KEEP = ("iteration", "nfe", "device_hours", "wall_s", "eval_reward", "eval_accuracy", "eval_heldout_accuracy",
         "eval_diversity", "eval_nearest_real")
 MANIFEST_FILE = "cells.json"
+IDENTITY_FILE = "identity.json"  # written by the runner beside config.yaml: {"hash", "identity"}
 BASE_METRICS = Path(BASE_CELL) / "metrics.json"
 # How a cell ran, not what it is: left out when telling configs apart.
 RUNNER_KEYS = ("seed", "results_dir", "launcher", "logger", "lock", "hydra", "world.threads", "world.device")
@@ -44,23 +45,34 @@ def cell_state(status: dict[str, Any], last_iteration: int | None) -> tuple[str,
     return "unfinished", f"unfinished at iteration {last_iteration if last_iteration is not None else 0}"
 
 
+def _walk(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_walk(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
 def flat_config(path: Path) -> dict[str, Any]:
     """A cell's resolved config.yaml as dotted keys, without the runner's keys ({} if there is none)."""
-    def walk(d: dict, prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict) and v:
-                out.update(walk(v, f"{key}."))
-            else:
-                out[key] = v
-        return out
-
     try:
         cfg = yaml.safe_load(Path(path).read_text()) or {}
     except (FileNotFoundError, yaml.YAMLError):
         return {}
-    return {k: v for k, v in walk(cfg).items() if k not in RUNNER_KEYS and k.split(".")[0] not in RUNNER_KEYS}
+    return {k: v for k, v in _walk(cfg).items() if k not in RUNNER_KEYS and k.split(".")[0] not in RUNNER_KEYS}
+
+
+def cell_identity(folder: Path) -> dict[str, Any]:
+    """What a cell computes, as dotted keys without its seed: identity.json's semantic config where the runner
+    wrote one (bench.resolve.identity), else config.yaml without the runner's keys."""
+    try:
+        ident = json.loads((Path(folder) / IDENTITY_FILE).read_text())["identity"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return flat_config(Path(folder) / store.CONFIG_FILE)
+    return {k: v for k, v in _walk(ident).items() if k != "seed"}
 
 
 def _discovered(grid_dir: Path, known: set[str]) -> list[Cell]:
@@ -129,7 +141,7 @@ def build_summary(grid_name: str, grid_dir: Path, cells: list[Cell], base_metric
                          "reason": cell.skip_reason})
             continue
         folder = grid_dir / cell.name
-        configs[cell.name] = flat_config(folder / store.CONFIG_FILE)
+        configs[cell.name] = cell_identity(folder)
         st = store.read_status(folder)
         metrics = store.read_metrics(folder)
         state, text = cell_state(st, int(metrics[-1]["iteration"]) if metrics else None)

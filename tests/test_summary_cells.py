@@ -3,6 +3,7 @@ unfinished and pending cells are marked as such, folders no manifest lists are f
 that ran different configs are never pooled."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -65,3 +66,17 @@ def test_cells_with_different_configs_are_not_pooled(tmp_path: Path) -> None:
     finished(grid, "a-seed0-x1", lr=1e-2)
     methods = set(build_summary("g", grid, [], None).method)
     assert methods == {"a [train.lr=0.0003]", "a [train.lr=0.01]"}  # results_dir differs in no cell: not a key
+
+
+def test_identity_json_decides_what_a_cell_is(tmp_path: Path) -> None:
+    grid = tmp_path / "g"
+    grid.mkdir()
+    cells = [Cell(f"a-seed{s}", "a", s, {"estimator": "a"}, [], None, None, {}) for s in (0, 1)]
+    write_manifest(grid, cells)
+    for c, threads in zip(cells, (1, 4)):
+        finished(grid, c.name)
+        # Same semantic config apart from the seed; config.yaml differs in a key the runner calls non-semantic.
+        (grid / c.name / "identity.json").write_text(json.dumps({"hash": "x", "identity": {"seed": c.seed, "train": {"lr": 3e-4}}}))
+        cfg = yaml.safe_load((grid / c.name / "config.yaml").read_text())
+        (grid / c.name / "config.yaml").write_text(yaml.safe_dump({**cfg, "threads": threads}))
+    assert set(build_summary("g", grid, [], None).method) == {"a"}
