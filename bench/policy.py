@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from bench.families import FLOW, ModelFamily
 from bench.meter import ComputeMeter
 
 Cond = Any  # a tensor, or a dict of tensors, with the batch on dim 0
@@ -26,7 +27,13 @@ def cat_cond(a: Cond, b: Cond) -> Cond:
 
 
 class Policy(nn.Module):
-    """A flow model exposing `velocity(x, t, cond)` in SD3's convention (t=1 noise, v = eps - x0)."""
+    """A generative model exposing `velocity(x, t, cond)`: its network output at time t (1 = noise).
+
+    `family` says what that output is (bench.families): a flow velocity v = eps - x0 in SD3's convention (the
+    default), or a VP model's eps / v prediction. Samplers, estimators and objectives convert through it.
+    """
+
+    family: ModelFamily = FLOW
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         raise NotImplementedError

@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from bench.errors import UnknownChoice
+from bench.errors import UnknownChoice, UserError
+from bench.families import FLOW, ModelFamily
 from bench.policy import Cond, PolicyCall
 
 
@@ -21,12 +22,25 @@ class ODESolver:
              cond: Cond) -> torch.Tensor:
         raise NotImplementedError
 
+    def for_family(self, family: ModelFamily) -> "ODESolver":
+        """This solver for `family`'s model; flow-time solvers refuse other families with a one-line error."""
+        if family.name != "flow":
+            raise UserError(f"ODE solver {type(self).__name__} integrates flow velocities and this world's model is "
+                            f"'{family.name}'; valid on it: euler (the deterministic DDIM step)")
+        return self
+
 
 class EulerSolver(ODESolver):
-    """First order: x' = x + dt v (one evaluation per step)."""
+    """First order: x' = x + dt v (one evaluation per step); on VP models the deterministic DDIM step."""
+
+    def __init__(self, family: ModelFamily = FLOW):
+        self.family = family
+
+    def for_family(self, family):
+        return EulerSolver(family)
 
     def step(self, model, x, v, i, schedule, cond):
-        return x + (schedule[i + 1] - schedule[i]) * v
+        return self.family.ode_step(x, v, schedule[i], schedule[i + 1])
 
 
 class HeunSolver(ODESolver):

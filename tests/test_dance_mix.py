@@ -170,7 +170,8 @@ def test_minibatches_keep_siblings_together():
 
 
 @pytest.mark.parametrize("method,sampler,estimator,objective,advantage", [
-    ("ddpo", "flow_sde", "stepwise", "grpo_clip", "group"), ("flow_grpo", "flow_sde", "stepwise", "grpo_clip", "group"),
+    ("ddpo", "ddim", "stepwise", "grpo_clip", "group"), ("ddpo_flow", "flow_sde", "stepwise", "grpo_clip", "group"),
+    ("flow_grpo", "flow_sde", "stepwise", "grpo_clip", "group"),
     ("dance_grpo", "dance", "stepwise", "grpo_clip", "group"), ("mix_grpo", "mix", "stepwise", "grpo_clip", "group"),
     ("tree_grpo", "tree", "stepwise", "grpo_clip", "tree"), ("elbo_epg", "ode", "elbo", "epg", "group")])
 def test_method_presets_compose(method, sampler, estimator, objective, advantage):

@@ -7,16 +7,22 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from bench.families import FLOW, ModelFamily
 from bench.policy import Policy
 
 NULL_CLASS = 10  # the label used for the unconditional branch of classifier-free guidance
 
 
 class DigitsFlowMLP(Policy):
-    """v_theta(x, t, y) for 8x8 digits flattened to 64 dims; y in 0..9 or NULL_CLASS."""
+    """v_theta(x, t, y) for 8x8 digits flattened to 64 dims; y in 0..9 or NULL_CLASS.
 
-    def __init__(self, hidden: int = 256, depth: int = 3, time_features: int = 16, label_dim: int = 32):
+    With a VP `family` the same network predicts that family's output (eps or v) instead of a flow velocity.
+    """
+
+    def __init__(self, hidden: int = 256, depth: int = 3, time_features: int = 16, label_dim: int = 32,
+                 family: ModelFamily = FLOW):
         super().__init__()
+        self.family = family
         self.time_features = time_features
         self.label = nn.Embedding(NULL_CLASS + 1, label_dim)
         layers: list[nn.Module] = [nn.Linear(64 + 2 * time_features + label_dim, hidden), nn.SiLU()]
@@ -36,11 +42,13 @@ class DigitsFlowMLP(Policy):
         return torch.full_like(cond, NULL_CLASS)
 
 
-def pretrain(data: torch.Tensor, labels: torch.Tensor, cfg: Mapping[str, Any]) -> DigitsFlowMLP:
-    """Rectified-flow pretraining with label dropout for CFG; fully determined by cfg (seeded, CPU)."""
+def pretrain(data: torch.Tensor, labels: torch.Tensor, cfg: Mapping[str, Any], family: ModelFamily = FLOW
+             ) -> DigitsFlowMLP:
+    """Denoising pretraining with label dropout for CFG: rectified flow (v = eps - x0), or the DDPM loss
+    |eps_theta - eps|^2 for a VP family, t uniform in [0, 1]; fully determined by cfg (seeded, CPU)."""
     g = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
     torch.manual_seed(int(cfg.get("seed", 0)))  # parameter init
-    model = DigitsFlowMLP(int(cfg.get("hidden", 256)), int(cfg.get("depth", 3)))
+    model = DigitsFlowMLP(int(cfg.get("hidden", 256)), int(cfg.get("depth", 3)), family=family)
     opt = torch.optim.Adam(model.parameters(), lr=float(cfg.get("lr", 1e-3)))
     labels = labels.clone()
     noise = float(cfg.get("label_noise", 0.0))
@@ -55,8 +63,8 @@ def pretrain(data: torch.Tensor, labels: torch.Tensor, cfg: Mapping[str, Any]) -
         y[torch.rand(batch, generator=g) < drop] = NULL_CLASS
         eps = torch.randn(x0.shape, generator=g)
         t = torch.rand(batch, generator=g)
-        x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
-        loss = ((model.velocity(x_t, t, y) - (eps - x0)) ** 2).mean()
+        x_t = family.noise(x0, eps, t[:, None])
+        loss = ((model.velocity(x_t, t, y) - family.target(x0, eps, t[:, None])) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
