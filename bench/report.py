@@ -26,7 +26,7 @@ from bench.grid import BASE_CELL
 from bench.plots import headline_plot, pareto_plot
 from bench.report_html import render_png, write_html
 from bench.report_sections import (cells_section, collapse_section, configs_section, envelope_section,
-                                   methods_table, samples_section)
+                                   methods_table, samples_section, sensitivity_section)
 from bench.spread import spread_section
 from bench.stats import (bootstrap_ci, compute_to_threshold, mean_ci, probability_of_improvement,
                          stratified_bootstrap_ci)
@@ -272,6 +272,7 @@ def render_report(df: pd.DataFrame, grid_cfg: dict, title: str, grid_dir: Path |
         if (grid_cfg.get("report") or {}).get("device_seconds"):  # e.g. trees: fewer NFE is not fewer seconds
             out += thresholds_section(runs, metric, thresholds, baseline, cap, methods, unit="sec")
         out += collapse_lines
+        out += sensitivity_section(runs, metric)
         out += spread_section(df, runs, metric)
         out += statistics_section(runs[runs.method.isin(methods)], baseline, metric)
         out += envelope_section(plotted(df, aliases), list(dict.fromkeys([metric, "eval_reward", "eval_heldout_accuracy"])))

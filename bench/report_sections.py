@@ -196,3 +196,42 @@ def configs_section(runs: pd.DataFrame, grid_dir: Path, baseline: str | None, me
     for method, cell in cells.items():
         lines.append(f"<!-- include-yaml: {cell}/{store.CONFIG_FILE} | {method} -->")
     return lines
+
+
+def _numeric(levels: list[str]) -> bool:
+    try:
+        [float(v) for v in levels]
+    except (TypeError, ValueError):
+        return False
+    return len(levels) >= 2
+
+
+def sensitivity_section(runs: pd.DataFrame, metric: str) -> list[str]:
+    """For every numeric axis (a hyperparameter sweep, e.g. train.lr): the learning-curve AUC across the sweep for
+    each combination of the other axes, the best value in bold, flagged when it sits at an edge of the sweep (the
+    optimum may lie outside it)."""
+    axes = [c for c in runs.columns if c.startswith("axis:") and runs[c].nunique() > 1]
+    lines: list[str] = []
+    for axis in axes:
+        levels = sorted(runs[axis].dropna().unique(), key=float) if _numeric(list(runs[axis].dropna().unique())) else []
+        if not levels:
+            continue
+        others = [a for a in axes if a != axis]
+        lines += ["", f"## Sensitivity to {axis[5:]}", "",
+                  f"AUC of {short(metric)} over NFE (mean [95% t interval] over seeds) across the sweep of "
+                  f"{axis[5:]}, per combination of the other axes; the best in bold, and 'at the edge' when the best "
+                  "is the sweep's smallest or largest value (widen the sweep).", "",
+                  "| " + " | ".join([*(o[5:] for o in others), *levels, "best"]) + " |",
+                  "|---" * (len(others) + len(levels) + 1) + "|"]
+        groups = runs.groupby(others, sort=True) if others else [((), runs)]
+        for key, g in groups:
+            key = key if isinstance(key, tuple) else (key,)
+            means = {lv: g[g[axis] == lv].auc.mean() for lv in levels if (g[axis] == lv).any()}
+            if not means:
+                continue
+            best = max(means, key=lambda lv: means[lv])
+            cells = [(f"**{ci_text(g[g[axis] == lv].auc)}**" if lv == best else ci_text(g[g[axis] == lv].auc))
+                     if lv in means else "—" for lv in levels]
+            edge = " (at the edge)" if best in (levels[0], levels[-1]) else ""
+            lines.append("| " + " | ".join([*map(str, key), *cells, f"{best}{edge}"]) + " |")
+    return lines

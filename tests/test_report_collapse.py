@@ -17,6 +17,7 @@ from bench.collapse import fell_from_peak, seed_signs
 from bench.grid import Cell
 from bench.report import main as report_main
 from bench.report import render_report
+from bench.report_sections import sensitivity_section
 from bench.summary import refresh_summary, write_manifest
 from bench.worlds import WORLDS
 from bench.worlds.digits import DigitsWorld
@@ -173,3 +174,18 @@ def test_real_digits_reference_values() -> None:
     ref = DigitsWorld.reference_values()
     assert ref["eval_nearest_real"] == pytest.approx(0.26, abs=0.005)
     assert ref["eval_diversity"] == pytest.approx(0.56, abs=0.005)
+
+
+def test_sensitivity_flags_a_best_value_at_the_edge() -> None:
+    # lr sweep 1e-4, 3e-4, 1e-3 under two samplers: the best AUC is in the middle under one and at the top under
+    # the other.
+    rows = []
+    for sampler, aucs in (("ode", (0.4, 0.7, 0.5)), ("sde", (0.3, 0.5, 0.6))):
+        for lr, auc in zip(("1e-4", "3e-4", "1e-3"), aucs):
+            rows += [{"axis:train.lr": lr, "axis:sampler": sampler, "seed": s, "auc": auc + 0.01 * s} for s in range(3)]
+    lines = sensitivity_section(pd.DataFrame(rows), "eval_accuracy")
+    assert lines[1] == "## Sensitivity to train.lr"
+    ode = next(ln for ln in lines if ln.startswith("| ode |"))
+    sde = next(ln for ln in lines if ln.startswith("| sde |"))
+    assert ode.endswith("| 3e-4 |") and "**0.710 [" in ode
+    assert sde.endswith("| 1e-3 (at the edge) |")
