@@ -41,9 +41,10 @@ def run_table(df: pd.DataFrame, metric: str, thresholds: list[float]) -> pd.Data
                **{c: last[c] for c in g.columns if c.startswith("eval_") or c.startswith("axis:")},
                "final_nfe": float(last.nfe), "final_device_hours": float(last.device_hours),
                "auc": learning_curve_auc(g.nfe, g[metric], cap) if metric in g else float("nan")}
+        y = g[metric] if metric in g else pd.Series(np.nan, index=g.index)  # a world without the metric
         for t in thresholds:
-            row[f"nfe@{t:g}"], row[f"reached@{t:g}"] = censored_time(g.nfe, g[metric], t, cap)
-            row[f"sec@{t:g}"] = censored_time(g.device_hours * 3600, g[metric], t, cap_s)[0]
+            row[f"nfe@{t:g}"], row[f"reached@{t:g}"] = censored_time(g.nfe, y, t, cap)
+            row[f"sec@{t:g}"] = censored_time(g.device_hours * 3600, y, t, cap_s)[0]
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -128,10 +128,15 @@ def cells_section(df: pd.DataFrame) -> list[str]:
     counts = cells.state.value_counts()
     lines = ["", "## Cells", "",
              "Every cell of the grid folder: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".", ""]
-    for state in ("diverged", "failed", "unfinished", "pending"):
+    for state in ("diverged", "failed"):
         for _, r in cells[cells.state == state].iterrows():
-            reason = f" ({r.reason})" if isinstance(r.reason, str) and r.reason and state == "unfinished" else ""
-            lines.append(f"- `{r.cell}`: {r.state_text}{reason}")
+            error = r.reason if isinstance(r.reason, str) and r.reason else "no error recorded"
+            # A divergence recorded with status "failed" (older runners) says both.
+            head = f"{state}: failed" if state == "diverged" and r.status == "failed" else state
+            lines.append(f"- {head} `{r.cell}`: {error}")
+    for state in ("unfinished", "pending"):
+        for _, r in cells[cells.state == state].iterrows():
+            lines.append(f"- `{r.cell}`: {r.state_text}")
     for _, r in cells[cells.state == "skipped"].drop_duplicates("method").iterrows():
         lines.append(f"- skipped `{r.method}`: {r.reason}")
     return lines

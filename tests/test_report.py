@@ -89,7 +89,7 @@ def test_report_regenerates_md_and_self_contained_html(grid: Path) -> None:
         assert section in md, section
     assert md.index("## Summary") < md.index("![headline") < md.index("## Methods")
     assert "skipped `stepwise-ode`: estimator 'stepwise' needs SDE edges" in md
-    assert "- `elbo-ode-seed1`: failed: RuntimeError: injected for the test" in md
+    assert "- failed `elbo-ode-seed1`: RuntimeError: injected for the test" in md
     assert "IQM final eval_accuracy" in md and "P(method > `stepwise-flow_sde`)" in md
     assert "| `elbo-flow_sde` | estimator=elbo (baseline: stepwise) |" in md
     # Self-contained: every image inline; the headline and two compute plots, one sample grid per method.
