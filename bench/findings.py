@@ -13,6 +13,7 @@ import pandas as pd
 from bench.grid import BASE_CELL
 from bench.spread import axis_contrast
 from bench.stats import censored_time, learning_curve_auc, mean_ci, paired_ratio_ci
+from bench.thresholds import fmt_nfe
 
 SETTLED = ("finished", "diverged")  # runs whose figures are results (a diverged run counts as one)
 TIMING = ("wall_s", "device_hours")
@@ -130,11 +131,6 @@ def factor_effect(runs: pd.DataFrame, axis: str, level: str, ref: str, metric: s
     diff = pd.Series(p[metric].to_numpy(float) - p[f"{metric}_ref"].to_numpy(float), index=seeds)
     return Effect(axis[5:], level, ref, chosen, ratio, mean_ci(diff.groupby(level=0).mean()),
                   int(seeds.nunique()), len(strata), reached, identical, seconds)
-
-
-def fmt_nfe(v: float) -> str:
-    """An NFE count as 202k / 1.2M."""
-    return f"{v / 1e6:.3g}M" if v >= 1e6 else f"{v / 1e3:.3g}k" if v >= 1e3 else f"{v:.0f}"
 
 
 def _x(v: tuple[float, float, float]) -> str:

@@ -21,7 +21,7 @@ import yaml
 
 from bench import store
 from bench.errors import UserError
-from bench.findings import SETTLED, budget_cap, fmt_nfe, headline_threshold, identical_groups, run_table, summary_lines
+from bench.findings import SETTLED, budget_cap, headline_threshold, identical_groups, run_table, summary_lines
 from bench.grid import BASE_CELL
 from bench.plots import headline_plot, pareto_plot
 from bench.report_html import render_png, write_html
@@ -31,7 +31,7 @@ from bench.spread import spread_section
 from bench.stats import (bootstrap_ci, compute_to_threshold, mean_ci, probability_of_improvement,
                          stratified_bootstrap_ci)
 from bench.summary import refresh_summary
-from bench.thresholds import thresholds_section
+from bench.thresholds import fmt_nfe, thresholds_section
 from bench.worlds import WORLDS
 from bench.worlds.base import World
 

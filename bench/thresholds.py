@@ -10,11 +10,17 @@ import pandas as pd
 from bench.stats import mean_ci, paired_ratio_ci, ratio_ci
 
 
-def censored_mean_text(times: np.ndarray, reached: np.ndarray) -> str:
+def fmt_nfe(v: float) -> str:
+    """An NFE count as 202k / 1.2M."""
+    return f"{v / 1e6:.3g}M" if abs(v) >= 1e6 else f"{v / 1e3:.3g}k" if abs(v) >= 1e3 else f"{v:.0f}"
+
+
+def censored_mean_text(times: np.ndarray, reached: np.ndarray, unit: str = "nfe") -> str:
     """'mean [lo, hi] (k/n)', prefixed '>=' when some runs are censored at the cap."""
     m, lo, hi = mean_ci(times)
+    f = fmt_nfe if unit == "nfe" else (lambda v: f"{v:.3g}")
     bound = ">= " if not reached.all() else ""
-    return f"{bound}{m:.3g} [{lo:.3g}, {hi:.3g}] ({int(reached.sum())}/{len(reached)})"
+    return f"{bound}{f(m)} [{f(lo)}, {f(hi)}] ({int(reached.sum())}/{len(reached)})"
 
 
 def speedup(method: pd.DataFrame, base: pd.DataFrame, t: float, unit: str = "nfe"
@@ -44,7 +50,7 @@ def thresholds_section(runs: pd.DataFrame, metric: str, thresholds: list[float],
     if not thresholds or not len(runs):
         return []
     name_of = {"nfe": "NFE", "sec": "device-seconds"}[unit]
-    cap_text = f"{cap:.3g} NFE" if unit == "nfe" else "the longest run's device-seconds"
+    cap_text = f"{fmt_nfe(cap)} NFE" if unit == "nfe" else "the longest run's device-seconds"
     out = ["", f"## {name_of} to reach {metric} thresholds", "",
            f"Mean {name_of} over runs [95% t interval] (runs that reached it / runs). A run that never reached a "
            f"threshold within the budget (or diverged first) counts at the cap, {cap_text}: it is censored, not "
@@ -60,7 +66,7 @@ def thresholds_section(runs: pd.DataFrame, metric: str, thresholds: list[float],
         g = runs[runs.method == method]
         if not len(g):
             continue
-        cells = [censored_mean_text(g[f"{unit}@{t:g}"].to_numpy(float), g[f"reached@{t:g}"].to_numpy(bool))
+        cells = [censored_mean_text(g[f"{unit}@{t:g}"].to_numpy(float), g[f"reached@{t:g}"].to_numpy(bool), unit)
                  for t in thresholds]
         speed = []
         for t in thresholds:
