@@ -16,7 +16,7 @@ from bench.plots import mean_curves
 from bench.sample_grids import sample_grid
 from bench.stats import curve_envelope, mean_ci
 from bench.summary import flat_config
-from bench.thresholds import censored_mean_text, speedup
+from bench.thresholds import censored_mean_text, fmt_nfe, speedup
 
 
 def ci_text(values, digits: int = 3) -> str:
@@ -161,8 +161,8 @@ def samples_section(df: pd.DataFrame, runs: pd.DataFrame, grid_dir: Path, metric
         evals = df[(df.cell == cell) & df.eval_reward.notna()].sort_values("iteration")
         picks = sorted({int(round(i)) for i in np.linspace(0, len(evals) - 1, min(max_points, len(evals)))})
         sheets = [(grid_dir / cell / "samples" / f"eval_{int(r.iteration):04d}.png",
-                   f"it {int(r.iteration)}\nNFE {r.nfe:.3g}\n{short(metric)} {r[metric]:.2f}"
-                   if metric in r and pd.notna(r[metric]) else f"it {int(r.iteration)}\nNFE {r.nfe:.3g}")
+                   f"it {int(r.iteration)}\nNFE {fmt_nfe(r.nfe)}\n{short(metric)} {r[metric]:.2f}"
+                   if metric in r and pd.notna(r[metric]) else f"it {int(r.iteration)}\nNFE {fmt_nfe(r.nfe)}")
                   for _, r in evals.iloc[picks].iterrows()]
         name = f"samples_{cell}.png"
         if layout is not None:
