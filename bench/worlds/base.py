@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 import torch
 
+from bench.detectors import Detector
 from bench.meter import ComputeMeter
 from bench.policy import Cond, Policy, PolicyCall
 from bench.rewards.combine import WeightedReward
@@ -16,6 +17,21 @@ class World:
 
     name = "world"
     latent_shape: tuple[int, ...] = ()
+    # The eval figures evaluate() returns (eval_* key -> what it measures); the report shows only these (and the
+    # reward's parts, eval_reward_<name>). Worlds extend it.
+    EVAL_METRICS: dict[str, str] = {"eval_reward": "mean training reward on the eval prompts"}
+
+    @classmethod
+    def sample_layout(cls) -> tuple[list[str], int] | None:
+        """(prompt of each row, samples per row) of the eval sample sheets evaluate() writes, for the report's
+        prompt x iteration grids; None: the sheets are shown whole."""
+        return None
+
+    @classmethod
+    def detectors(cls) -> list[Detector]:
+        """The world's collapse / reward-hacking detectors (bench/detectors.py); none by default, and then the
+        report gives no hacking verdict either way."""
+        return []
 
     def __init__(self, cfg: Mapping[str, Any], cache_dir: Path):
         self.cfg = dict(cfg)

@@ -1,6 +1,7 @@
 """The embedded CPU world: scikit-learn's 8x8 digits, a flow MLP policy and classifier judges."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.detectors import Detector
 from bench.errors import UserError
 from bench.policy import PolicyCall
 from bench.worlds import WORLDS
@@ -33,6 +35,17 @@ def load_real_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(d.data / 8.0 - 1.0, dtype=torch.float32), torch.tensor(d.target, dtype=torch.long)
 
 
+@functools.lru_cache(maxsize=1)
+def real_reference_values() -> dict[str, float]:
+    """Real digits scored like samples: within-digit diversity over all of a digit's real images, and each real
+    digit's distance to its nearest other real digit (leave-one-out), both RMS per pixel."""
+    x, y = load_real_digits()
+    d = torch.cdist(x, x)
+    d.fill_diagonal_(float("inf"))
+    return {"eval_diversity": float(np.mean([torch.pdist(x[y == k]).mean().item() / 8.0 for k in range(10)])),
+            "eval_nearest_real": d.min(1).values.mean().item() / 8.0}
+
+
 def atomic_save(obj, path: Path, saver=torch.save) -> None:
     """Write to a temp file then rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +60,34 @@ class DigitsWorld(World):
 
     name = "digits"
     latent_shape = (64,)
+    EVAL_METRICS = {
+        "eval_reward": "mean training reward on the eval noise",
+        "eval_accuracy": "fraction the reward judge classifies as the prompted digit",
+        "eval_heldout_accuracy": "the same by the held-out RBF-SVM judge (trained on the other half of the data)",
+        "eval_diversity": "mean pairwise RMS distance between samples of one digit",
+        "eval_nearest_real": "mean RMS distance of a sample to its nearest real digit",
+    }
+
+    @classmethod
+    def reference_values(cls) -> dict[str, float]:
+        """The real digits' own diversity and nearest-real distance (leave-one-out), as evaluate() measures them."""
+        return real_reference_values()
+
+    @classmethod
+    def sample_layout(cls) -> tuple[list[str], int]:
+        """save_digit_grid's sheets: one row per digit (prompted as TEMPLATES[0]), 10 samples each."""
+        return [TEMPLATES[0].format(d=d) for d in range(10)], 10
+
+    @classmethod
+    def detectors(cls) -> list[Detector]:
+        """Diversity far below real digits', samples drifting from them, and the two judges parting."""
+        ref = cls.reference_values()
+        return [Detector("eval_diversity", "floor", "diversity collapsed", ref["eval_diversity"], factor=0.5),
+                Detector("eval_nearest_real", "ceiling", "samples left the real digits", ref["eval_nearest_real"],
+                         factor=2.0, rise=0.15),
+                Detector("eval_accuracy", "gap", "the reward judge accepts what the held-out judge rejects",
+                         rise=0.15, partner="eval_heldout_accuracy")]
+
 
     def __init__(self, cfg, cache_dir):
         super().__init__(cfg, cache_dir)
