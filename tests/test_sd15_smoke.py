@@ -10,7 +10,7 @@ def test_smoke_grid_on_tiny_sd15(tmp_path):
     res = cli(["grid=smoke", "world=sd15", "world.variant=tiny", f"results_dir={tmp_path}"], timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     grid = tmp_path / "smoke"
-    done = sorted(p.parent.name for p in grid.glob("*/status.json") if json.loads(p.read_text())["status"] == "done")
+    done = sorted(p.parent.name for p in grid.glob("*-seed0/status.json") if json.loads(p.read_text())["status"] == "done")
     assert done == ["elbo-ode-seed0"]  # the ODE sampler is deterministic DDIM on the VP model
     # The flow-matching SDE cannot roll out an epsilon-prediction UNet: skipped with its reason, never run.
     out = res.stdout + res.stderr
