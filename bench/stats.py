@@ -123,13 +123,6 @@ def compute_to_threshold(x, y, threshold: float) -> float:
     return float(x[i - 1] + frac * (x[i] - x[i - 1]))
 
 
-def interpolate_curves(curves: list[tuple[np.ndarray, np.ndarray]], points: int = 50) -> tuple[np.ndarray, np.ndarray]:
-    """Resample seed curves onto a shared x grid up to the shortest run: (x, [seeds, points])."""
-    x_max = min(c[0][-1] for c in curves)
-    grid = np.linspace(0, x_max, points)
-    return grid, np.stack([np.interp(grid, cx, cy) for cx, cy in curves])
-
-
 def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
     """(mean, low, high): Student-t interval over seeds, mean +- t_{n-1} s / sqrt(n); one seed (or identical seeds)
     gives a zero-width interval, none gives nans."""
