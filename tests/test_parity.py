@@ -421,3 +421,31 @@ def test_grid_draws_without_replacement_are_a_permutation_prefix(per_draw):
         assert all(bool((grid.double() == v).any()) for v in row)
     with pytest.raises(Exception, match="grid_draws=without_replacement"):
         _elbo_setup({"J": 11, "timesteps": "grid", "grid_draws": "without_replacement"})
+
+
+def test_sampling_with_the_old_policy_rolls_out_with_the_ema_weights(tmp_path, monkeypatch):
+    """NVlabs/DiffusionNFT scripts/train_nft_sd3.py@24af555 and the ELBO repo src/utils/base.py@c257000 switch to
+    the "old" adapter (the EMA) before sampling: from the second iteration on, the rollout's weights are the EMA's
+    decay-weighted mix, not the current ones."""
+    from bench.config import compose_config
+    from bench.train import train_cell
+    from samplers.base import ChainSampler
+
+    seen: list = []
+    original = ChainSampler.sample
+
+    def recording_sample(self, model, *args, **kwargs):
+        seen.append(None if model.params is None else {k: v.clone() for k, v in model.params.items()})
+        return original(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(ChainSampler, "sample", recording_sample)
+    cfg = compose_config(["method=nft", f"results_dir={tmp_path}", "budget.iterations=2", "train.prompts_per_iter=2",
+                          "train.group_size=4", "world.eval.samples_per_class=2", "train.ema_decay=0.5",
+                          "train.ema_ramp=null"])
+    train_cell(cfg, tmp_path / "cell")
+    # Evaluation samples with the current weights (params None); the two training rollouts carry the EMA's.
+    rollouts = [p for p in seen if p is not None]
+    assert len(rollouts) == 2 and len(seen) > 2
+    first, second = rollouts
+    # Iteration 1 samples with the initial weights; iteration 2 with 0.5 initial + 0.5 after one step.
+    assert any(not torch.equal(first[k], second[k]) for k in first)
