@@ -292,3 +292,10 @@ class VariancePreserving(ModelFamily):
 
 
 FLOW = FlowMatching()
+
+
+def require_flow(family: ModelFamily, part: str, alternative: str) -> None:
+    """A one-line UserError when a part written in flow time and velocity meets another family's model."""
+    if family.name != "flow":
+        raise UserError(f"{part} is written for flow-matching models and this world's model is '{family.name}' "
+                        f"({family.prediction}); valid on it: {alternative}")

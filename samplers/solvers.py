@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from bench.errors import UnknownChoice, UserError
-from bench.families import FLOW, ModelFamily
+from bench.errors import UnknownChoice
+from bench.families import FLOW, ModelFamily, require_flow
 from bench.policy import Cond, PolicyCall
 
 
@@ -24,9 +24,7 @@ class ODESolver:
 
     def for_family(self, family: ModelFamily) -> "ODESolver":
         """This solver for `family`'s model; flow-time solvers refuse other families with a one-line error."""
-        if family.name != "flow":
-            raise UserError(f"ODE solver {type(self).__name__} integrates flow velocities and this world's model is "
-                            f"'{family.name}'; valid on it: euler (the deterministic DDIM step)")
+        require_flow(family, f"ODE solver {type(self).__name__}", "solver=euler (the deterministic DDIM step)")
         return self
 
 
