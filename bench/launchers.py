@@ -283,6 +283,9 @@ def drive(launcher: Launcher, tasks: list[Task], grid_dir: Path, poll_s: float =
     if isinstance(launcher, DataParallelLauncher):  # one pass, the same on every rank
         return launcher.run(tasks, grid_dir)
     outcome = {t.name: "done" for t in tasks if settled_status(t, grid_dir) == "done"}
+    for t in tasks:
+        if t.kind == "cell" and t.name in outcome:  # rows lost from a finished cell come back from its checkpoint
+            store.repair_finished_metrics(task_dir(t, grid_dir))
     pending = [t for t in tasks if t.name not in outcome]
     attempts: Counter[str] = Counter()
     waiting: dict[str, Any] = {}  # units another runner held when we looked -> its owner (None: not known)

@@ -69,13 +69,27 @@ def hold_on_children(env: dict[str, str] | None = None) -> None:
     (os.environ if env is None else env)[ENV] = str(os.getpid())
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def join() -> None:
-    """Die with the parent if it asked to (hold_on_children), before anything heavy is imported; run by bench's
-    __init__. Only a direct child answers: a grandchild sees another parent and leaves it to its own."""
-    asked = os.environ.get(ENV)
-    if asked and asked.isdigit() and int(asked) == os.getppid():
-        del os.environ[ENV]
+    """Die with the process that asked (hold_on_children), before anything heavy is imported; run by bench's
+    __init__. A child whose asker is already gone (killed while the child was starting) dies at once; the ask is
+    not passed on (this process's own children get their own)."""
+    asked = os.environ.pop(ENV, None)
+    if not asked or not asked.isdigit():
+        return
+    if int(asked) == os.getppid():
         die_with_parent(int(asked))
+    elif not _alive(int(asked)):
+        _kill_self()
 
 
 def preexec_die_with_parent() -> None:

@@ -109,3 +109,16 @@ def load_state(path: Path) -> Any:
     except Exception as e:  # safetensors' header/size errors, JSON errors, missing keys: all mean a damaged file
         first = (str(e).strip().splitlines() or [""])[0]
         raise CorruptStateFile(f"{type(e).__name__}: {first}"[:300]) from None
+
+
+def peek(path: Path, key: str) -> Any:
+    """state[key] of the file at `path` for a key holding no tensors, read from the header alone (no checksum:
+    for looking, not for resuming); CorruptStateFile if the header does not read."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+        return _unflatten(json.loads(meta["state"])[key], {})
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:
+        raise CorruptStateFile(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:300]) from None

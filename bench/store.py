@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from bench.errors import UserError
 from bench.locks import CellLock
-from bench.statefile import CorruptStateFile, load_state, save_state
+from bench.statefile import CorruptStateFile, load_state, peek, save_state
 from bench import __version__
 
 STATUS_FILE, METRICS_FILE, CONFIG_FILE = "status.json", "metrics.jsonl", "config.yaml"
@@ -306,15 +306,18 @@ def checkpoint_path(cell_dir: Path, iteration: int) -> Path:
     return Path(cell_dir) / f"checkpoint-{int(iteration):06d}.safetensors"
 
 
+def checkpoint_iteration(path: Path) -> int | None:
+    """The iteration in a checkpoint's file name (None for a name that is not one)."""
+    try:
+        return int(Path(path).stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
 def checkpoint_paths(cell_dir: Path) -> list[Path]:
     """The cell's checkpoint files, newest (highest iteration) first; names only, not validated."""
-    found = []
-    for p in Path(cell_dir).glob(CHECKPOINT_GLOB):
-        try:
-            found.append((int(p.stem.split("-", 1)[1]), p))
-        except ValueError:
-            continue
-    return [p for _, p in sorted(found, reverse=True)]
+    found = [(checkpoint_iteration(p), p) for p in Path(cell_dir).glob(CHECKPOINT_GLOB)]
+    return [p for it, p in sorted((f for f in found if f[0] is not None), reverse=True)]
 
 
 def has_checkpoint(cell_dir: Path) -> bool:
@@ -369,6 +372,25 @@ def restore_metrics(cell_dir: Path, ckpt: dict[str, Any]) -> None:
     atomic_write_text(path, text)
 
 
+def repair_finished_metrics(cell_dir: Path, echo: Callable[[str], None] | None = None) -> bool:
+    """A finished cell whose metrics.jsonl lost rows (truncated, torn, garbled past some row) gets them back from
+    its final checkpoint, with one line saying so; True if it was repaired."""
+    ckpts = checkpoint_paths(cell_dir)
+    if not ckpts:
+        return False
+    rows = read_metrics(cell_dir)
+    try:
+        saved = peek(ckpts[0], "metrics_rows")
+    except (CorruptStateFile, KeyError):
+        return False
+    if rows == saved or rows != saved[: len(rows)]:  # intact, or changed rather than cut: leave it alone
+        return False
+    restore_metrics(cell_dir, {"metrics_rows": saved})
+    (echo or _warn)(f"warning: '{Path(cell_dir) / METRICS_FILE}' had lost {len(saved) - len(rows)} of its "
+                    f"{len(saved)} rows; restored them from '{ckpts[0].name}'")
+    return True
+
+
 def cell_progress(cell_dir: Path) -> dict[str, Any]:
     """Where a cell stands, for reports: its status, whether a live runner holds it now (a "running" status
     without one means its runner died: a rerun resumes it), its last metrics row, the newest checkpoint a rerun
@@ -380,6 +402,6 @@ def cell_progress(cell_dir: Path) -> dict[str, Any]:
     return {"status": status.get("status", "pending"),
             "live": CellLock(cell_dir / LOCK_FILE).holder() is not None,
             "last_iteration": int(rows[-1]["iteration"]) if rows else None,
-            "resumes_from": int(ckpts[0].stem.split("-", 1)[1]) if ckpts else None,
+            "resumes_from": checkpoint_iteration(ckpts[0]) if ckpts else None,
             "corrupt": sorted(p.name for p in cell_dir.glob("*" + CORRUPT_SUFFIX)),
             "error": status.get("error")}

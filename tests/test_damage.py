@@ -118,6 +118,22 @@ def test_truncated_metrics_of_unfinished_cell_loses_no_row(tmp_path: Path, digit
     assert status(cell) == "done"
 
 
+def test_finished_cell_gets_lost_rows_back_from_its_final_checkpoint(tmp_path: Path, digits_cache: Path,
+                                                                    finished_grid: Path) -> None:
+    res = results_dir(tmp_path, digits_cache)
+    shutil.copytree(finished_grid / "smoke", res / "smoke", symlinks=True)
+    cell = res / "smoke" / CELL
+    reference = (cell / store.METRICS_FILE).read_text()
+    (cell / store.METRICS_FILE).write_text(reference[: reference.index("\n") + 30])  # row 0 and a torn piece
+    log = tmp_path / "log"
+    assert rerun(cell, log) == 0
+    warnings = [line for line in log.read_text().splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: '{cell / store.METRICS_FILE}' had lost 3 of its 4 rows; restored them from "
+                        "'checkpoint-000003.safetensors'"], log.read_text()
+    assert (cell / store.METRICS_FILE).read_text() == reference
+    assert len(store.read_jsonl(cell / store.RUNS_FILE)) == 1, "a finished cell is not run again"
+
+
 def test_torn_metrics_mid_run_resumes_from_last_consistent_checkpoint(tmp_path: Path, digits_cache: Path,
                                                                      finished_grid: Path) -> None:
     """Killed between the checkpoints of iterations 2 and 3 with metrics.jsonl garbled after row 0: the resume
