@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from bench.worlds.sd3_components import (load_components, load_transformer, load
                                          resolve_model_path)
 from bench.worlds.sd3_policy import DEFAULT_TARGETS, SD3Policy, add_lora
 from bench.worlds.sd3_text import SD3PromptEncoder
-from bench.worlds.sd3_tiny import TINY
+from bench.worlds.sd3_tiny import tiny_spec, vae_factor
 from samplers.ode import ODESampler
 
 LATENT_CHANNELS = 16
@@ -32,7 +32,8 @@ class SD3World(World):
 
     `variant: tiny` swaps every component for a tiny random one (32 px, float32, offline tokenizers) so the same
     code runs on a CPU; it ignores model_path, resolution, dtype and max_sequence_length, and uses one CPU thread
-    unless world.threads says otherwise.
+    unless world.threads says otherwise. `world.tiny` resizes the tiny parts (sd3_tiny.tiny_spec: transformer,
+    clip, words, resolution, `vae: identity` for a pixel-space flow); the shapes world is built that way.
     """
 
     name = "sd3"
@@ -46,19 +47,22 @@ class SD3World(World):
         self.variant = str(self.cfg.get("variant", "full"))
         if self.variant not in ("full", "tiny"):
             raise UserError(f"world.variant={self.variant!r}; valid: full, tiny")
+        latent_channels = LATENT_CHANNELS
         if self.variant == "tiny":
+            spec = tiny_spec(self.cfg.get("tiny"))
             for key in ("dtype", "text_dtype", "vae_dtype"):
                 self.cfg[key] = "float32"
-            self.cfg["resolution"] = TINY["resolution"]
-            self.cfg["max_sequence_length"] = TINY["max_sequence_length"]
-            factor = 2 ** (len(TINY["vae"]["block_out_channels"]) - 1)
+            self.cfg["resolution"] = spec["resolution"]
+            self.cfg["max_sequence_length"] = spec["max_sequence_length"]
+            factor = vae_factor(spec)
+            latent_channels = int(spec["transformer"]["in_channels"])
         else:
             factor = FULL_VAE_FACTOR
         self.resolution = int(self.cfg.get("resolution", 512))
         if self.resolution % (factor * 2):
             raise UserError(f"world.resolution={self.resolution} must be a multiple of {factor * 2} "
                             "(VAE factor x transformer patch size)")
-        self.latent_shape = (LATENT_CHANNELS, self.resolution // factor, self.resolution // factor)
+        self.latent_shape = (latent_channels, self.resolution // factor, self.resolution // factor)
         self.shift = float(self.cfg.get("shift", 3.0))
         self._comps: dict[str, Any] | None = None
         self._encoder: SD3PromptEncoder | None = None
@@ -85,7 +89,7 @@ class SD3World(World):
         if self._encoder is None:
             jad = None
             if not bool(self.cfg.get("t5", True)):  # the zero T5 slot needs the transformer's text width
-                jad = (TINY["transformer"]["joint_attention_dim"] if self.variant == "tiny"
+                jad = (tiny_spec(self.cfg.get("tiny"))["transformer"]["joint_attention_dim"] if self.variant == "tiny"
                        else int(load_transformer_config(self.cfg)["joint_attention_dim"]))
             self._encoder = SD3PromptEncoder(self.comps, self.device, int(self.cfg.get("max_sequence_length", 256)),
                                              joint_attention_dim=jad, cache_device=self.cfg.get("embed_cache_device"))
@@ -93,7 +97,7 @@ class SD3World(World):
 
     def build_policy(self) -> SD3Policy:
         """A fresh base transformer with a new LoRA adapter (B = 0): trainable parameters are LoRA only."""
-        transformer = load_transformer(self.cfg)
+        transformer = self.load_base_transformer()
         lora = dict(self.cfg.get("lora") or {})
         add_lora(transformer, r=int(lora.get("r", 32)), alpha=float(lora.get("alpha", 64)),
                  targets=list(lora.get("targets") or DEFAULT_TARGETS),
@@ -104,6 +108,10 @@ class SD3World(World):
         # Eval mode throughout (training included): the transformer has no dropout, and a deterministic policy is
         # what makes the old/new ratio exactly 1 before an update.
         return policy.eval()
+
+    def load_base_transformer(self) -> Any:
+        """The base transformer before LoRA (a subclass may load pretrained tiny weights here)."""
+        return load_transformer(self.cfg)
 
     # -- prompts ---------------------------------------------------------------------------
     @property
@@ -160,10 +168,9 @@ class SD3World(World):
 
     # -- evaluation ------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model: PolicyCall, out_dir: Path | None, tag: str) -> dict[str, float]:
-        """ODE samples on fixed noise for the eval prompts; eval_reward (+ one eval_reward_<name> per reward part)."""
+    def eval_samples(self, model: PolicyCall, prompts: list[str]) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        """world.eval.samples_per_prompt ODE samples per prompt on fixed noise, in batches: (images, their prompts)."""
         ecfg = dict(self.cfg.get("eval") or {})
-        prompts = self.eval_prompts()
         per = int(ecfg.get("samples_per_prompt", 2))
         guidance = float(ecfg.get("guidance", 1.0))
         sampler = ODESampler({"steps": int(ecfg.get("steps", 10)), "shift": self.shift, "guidance": guidance})
@@ -171,12 +178,18 @@ class SD3World(World):
                           detach_uncond=model.detach_uncond)
         gen = torch.Generator().manual_seed(int(ecfg.get("noise_seed", 1234)))
         bs = max(1, int(ecfg.get("batch_size", 8)) // per)
-        images, totals, parts = [], [], {}
         for i in range(0, len(prompts), bs):
             chunk = prompts[i:i + bs]
             rollout = sampler.sample(call, chunk, self.encode(chunk), per, self.latent_shape, gen)
-            imgs = self.decode(rollout.x0)
-            leaf_prompts = [chunk[s] for s in rollout.leaf_slot.tolist()]
+            yield self.decode(rollout.x0), [chunk[s] for s in rollout.leaf_slot.tolist()]
+
+    @torch.no_grad()
+    def evaluate(self, model: PolicyCall, out_dir: Path | None, tag: str) -> dict[str, float]:
+        """ODE samples on fixed noise for the eval prompts; eval_reward (+ one eval_reward_<name> per reward part)."""
+        ecfg = dict(self.cfg.get("eval") or {})
+        per = int(ecfg.get("samples_per_prompt", 2))
+        images, totals, parts = [], [], {}
+        for imgs, leaf_prompts in self.eval_samples(model, self.eval_prompts()):
             model.meter.count_reward(len(leaf_prompts))
             total, part = self.eval_reward_fn(imgs, leaf_prompts)
             totals.append(total.float().cpu())

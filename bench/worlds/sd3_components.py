@@ -85,7 +85,7 @@ def load_components(cfg: Mapping[str, Any], device: torch.device, with_transform
     if variant == "tiny":
         from bench.worlds.sd3_tiny import build_tiny_components
 
-        comps = build_tiny_components(int(cfg.get("tiny_seed", 0)))
+        comps = build_tiny_components(int(cfg.get("tiny_seed", 0)), cfg.get("tiny"))
         if not with_transformer:
             comps["transformer"] = None
     elif variant == "full":
@@ -138,7 +138,7 @@ def load_transformer(cfg: Mapping[str, Any]) -> Any:
     if str(cfg.get("variant", "full")) == "tiny":
         from bench.worlds.sd3_tiny import build_tiny_transformer
 
-        model = build_tiny_transformer(int(cfg.get("tiny_seed", 0)))
+        model = build_tiny_transformer(int(cfg.get("tiny_seed", 0)), cfg.get("tiny"))
         return model if model.dtype == dtype else model.to(dtype)
     from diffusers import SD3Transformer2DModel
 

@@ -6,10 +6,13 @@ FlowMatchEulerDiscreteScheduler with shift 3), only small; tokenizers are built 
 """
 from __future__ import annotations
 
+import copy
 import re
-from typing import Any, Iterable
+from types import SimpleNamespace
+from typing import Any, Iterable, Mapping
 
 import torch
+from torch import nn
 
 # Words the tiny tokenizers know as single tokens; anything else falls back to characters (CLIP) or <unk> pieces (T5).
 TINY_WORDS = (
@@ -39,6 +42,37 @@ TINY = {
                relative_attention_max_distance=16, feed_forward_proj="gated-gelu", dropout_rate=0.0,
                is_encoder_decoder=False, use_cache=False),
 }
+
+
+def tiny_spec(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """TINY with `overrides` merged one level deep (e.g. {"transformer": {...}, "vae": "identity", "words": [...]})."""
+    spec = copy.deepcopy(TINY)
+    for k, v in dict(overrides or {}).items():
+        spec[k] = {**spec[k], **v} if isinstance(spec.get(k), dict) and isinstance(v, Mapping) else v
+    return spec
+
+
+def vae_factor(spec: Mapping[str, Any]) -> int:
+    """Pixels per latent cell: 1 for the identity (pixel-space) VAE, 2^(blocks - 1) for AutoencoderKL."""
+    return 1 if spec["vae"] == "identity" else 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
+
+
+class PixelVAE(nn.Module):
+    """The identity VAE of a pixel-space flow: latents are the RGB image in [-1, 1] (scaling 1, shift 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(scaling_factor=1.0, shift_factor=0.0, latent_channels=3)
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # carries dtype and device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype latents are cast to before decoding (as AutoencoderKL.dtype)."""
+        return self._anchor.dtype
+
+    def decode(self, z: torch.Tensor, return_dict: bool = False) -> tuple[torch.Tensor]:
+        """Latents are images: returned as they are (AutoencoderKL.decode's tuple form)."""
+        return (z,)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -100,46 +134,54 @@ def tiny_t5_tokenizer(words: Iterable[str] = TINY_WORDS, max_length: int = TINY[
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
-def _clip_encoder(tokenizer: Any, seed: int) -> Any:
+def _clip_encoder(tokenizer: Any, seed: int, clip: Mapping[str, Any] = TINY["clip"]) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY["clip"])
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **clip)
     torch.manual_seed(seed)
     return CLIPTextModelWithProjection(cfg)
 
 
-def build_tiny_components(seed: int = 0) -> dict[str, Any]:
-    """Every StableDiffusion3Pipeline component, tiny and random but deterministic in `seed` (global RNG untouched)."""
+def build_tiny_components(seed: int = 0, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every StableDiffusion3Pipeline component, tiny and random but deterministic in `seed` (global RNG untouched).
+
+    `overrides` (see tiny_spec) resize the parts; `vae: identity` gives a pixel-space flow (PixelVAE), `words` the
+    tokenizers' whole-word vocabulary.
+    """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import T5Config, T5EncoderModel
 
+    spec = tiny_spec(overrides)
+    words = spec.get("words") or TINY_WORDS
     with torch.random.fork_rng(devices=[]):
-        tok, tok2, tok3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(), tiny_t5_tokenizer()
+        tok = tiny_clip_tokenizer(words, spec["clip_max_length"])
+        tok2 = tiny_clip_tokenizer(words, spec["clip_max_length"])
+        tok3 = tiny_t5_tokenizer(words, max(1, spec["max_sequence_length"]))
         comps = {
             "tokenizer": tok, "tokenizer_2": tok2, "tokenizer_3": tok3,
-            "text_encoder": _clip_encoder(tok, seed + 1),
-            "text_encoder_2": _clip_encoder(tok2, seed + 2),
+            "text_encoder": _clip_encoder(tok, seed + 1, spec["clip"]),
+            "text_encoder_2": _clip_encoder(tok2, seed + 2, spec["clip"]),
         }
         torch.manual_seed(seed + 3)
         comps["text_encoder_3"] = T5EncoderModel(T5Config(vocab_size=len(tok3), pad_token_id=tok3.pad_token_id,
-                                                          eos_token_id=tok3.eos_token_id, **TINY["t5"]))
+                                                          eos_token_id=tok3.eos_token_id, **spec["t5"]))
         torch.manual_seed(seed + 4)
-        comps["vae"] = AutoencoderKL(**TINY["vae"])
-        comps["transformer"] = build_tiny_transformer(seed)
-    comps["scheduler"] = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        comps["vae"] = PixelVAE() if spec["vae"] == "identity" else AutoencoderKL(**spec["vae"])
+        comps["transformer"] = build_tiny_transformer(seed, overrides)
+    comps["scheduler"] = FlowMatchEulerDiscreteScheduler(shift=float(spec.get("shift", 3.0)))
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
         comps[name].eval().requires_grad_(False)
     return comps
 
 
-def build_tiny_transformer(seed: int = 0) -> Any:
+def build_tiny_transformer(seed: int = 0, overrides: Mapping[str, Any] | None = None) -> Any:
     """The tiny SD3Transformer2DModel alone (a fresh policy per cell without rebuilding the text encoders)."""
     from diffusers import SD3Transformer2DModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 5)
-        model = SD3Transformer2DModel(**TINY["transformer"])
+        model = SD3Transformer2DModel(**tiny_spec(overrides)["transformer"])
     return model.eval()
 
 
