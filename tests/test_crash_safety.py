@@ -178,9 +178,15 @@ def kill_and_rerun(tmp_path: Path, digits_cache: Path, kills: int, rng: random.R
     # Each rerun goes on from the last checkpoints: short windows spread the kills over the whole grid's work.
     window = full_s * min(0.6, 3.0 / kills)
     for k in range(kills):
-        proc = start_runner([*HEADLINE, *(PARALLEL if k % 2 else []), f"results_dir={res}"])
-        deadline = time.monotonic() + rng.uniform(0.2, window)
+        parallel = k % 2 == 1
+        proc = start_runner([*HEADLINE, *(PARALLEL if parallel else []), f"results_dir={res}"])
         tree: set[tuple[int, int]] = set()
+        if parallel:  # its random moment falls while workers run (once they started, if any cell is left)
+            cap = time.monotonic() + full_s
+            while proc.is_alive() and time.monotonic() < cap and len(tree) < 2:
+                tree |= process_tree(proc.pid)
+                time.sleep(0.02)
+        deadline = time.monotonic() + rng.uniform(0.2, window)
         while time.monotonic() < deadline and proc.is_alive():
             tree |= process_tree(proc.pid)  # workers, and anything they start, as they appear
             time.sleep(0.02)
