@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from bench import store
 from bench.errors import UserError
 from bench.meter import ComputeMeter
 
@@ -203,75 +204,33 @@ def rank_cell_dir(cell_dir: Path) -> Path:
     return Path(cell_dir) if is_main() else Path(cell_dir) / f".rank{rank()}"
 
 
-def _sync_rank_checkpoint(cell_dir: Path, checkpoint_file: str) -> None:
-    """A rank whose private checkpoint is missing or from another iteration starts from rank 0's."""
-    main_ckpt = Path(cell_dir) / checkpoint_file
-    main_iter = broadcast_object(torch.load(main_ckpt, map_location="cpu", weights_only=False)["iteration"]
-                                 if is_main() and main_ckpt.exists() else None)
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any (one process: the flag), so all ranks take the same branch."""
+    if not active():
+        return bool(flag)
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def sync_rank_checkpoint(cell_dir: Path) -> None:
+    """A rank whose private checkpoints are missing or from another iteration than rank 0's newest starts from a
+    copy of rank 0's (its random stream is then rank 0's until the streams are reseeded). A no-op in one process."""
+    if not active():
+        return
+    newest = store.checkpoint_paths(cell_dir)[:1] if is_main() else []
+    main_name = broadcast_object(newest[0].name if newest else None)
     if is_main():
         return
-    mine = rank_cell_dir(cell_dir) / checkpoint_file
-    my_iter = torch.load(mine, map_location="cpu", weights_only=False)["iteration"] if mine.exists() else None
-    if my_iter != main_iter:
-        mine.parent.mkdir(parents=True, exist_ok=True)
-        if main_iter is None:
-            mine.unlink(missing_ok=True)
-            (mine.parent / "metrics.jsonl").unlink(missing_ok=True)
-        else:
-            shutil.copyfile(main_ckpt, mine)
-
-
-def run_grid(grid_name: str, base: Any, cells: list[Any], open_results: Callable[[Any, str], Path],
-             finish: Callable[..., Path]) -> int:
-    """bench.run's driver under a multi-process launch: every rank trains each cell together, rank 0 writes."""
-    from bench import store
-    from bench.execute import read_base_metrics, run_base
-    from bench.grid import resolved_yaml
-    from bench.loggers import open_logger
-    from bench.train import train_cell
-
-    init()  # before any world is built: "cuda" must already mean this rank's GPU
-    grid_dir = open_results(base, grid_name) if is_main() else Path(base.results_dir) / grid_name
-    barrier()
-    valid = [c for c in cells if c.skip_reason is None]
-    if is_main():
-        from bench.run import write_grid_meta  # grid.yaml + cells.json up front, as the single-process runner
-
-        print(f"data-parallel over {world_size()} processes; rank 0 writes {grid_dir}", flush=True)
-        write_grid_meta(grid_name, base, cells, grid_dir)
-        run_base(valid[0], grid_dir)  # evaluation only: no collective inside
-    barrier()
-    results: dict[str, str] = {}
-    for cell in valid:
-        cell_dir = grid_dir / cell.name
-        done = broadcast_object(store.read_status(cell_dir)["status"] == "done" if is_main() else None)
-        if done:
-            results[cell.name] = "done"
-            continue
-        if is_main():
-            cell_dir.mkdir(parents=True, exist_ok=True)
-            store.atomic_write_text(cell_dir / store.CONFIG_FILE, resolved_yaml(cell.cfg))
-            store.write_status(cell_dir, "running", processes=world_size())
-        _sync_rank_checkpoint(cell_dir, store.CHECKPOINT_FILE)
-        logger = open_logger(cell.cfg, cell_dir, cell.name, cell.method) if is_main() else None
-        try:
-            train_cell(cell.cfg, rank_cell_dir(cell_dir), position=1, on_row=logger.log if logger else None)
-        except Exception as e:
-            # The other ranks are now blocked in a collective; stop the whole launch (the cell resumes on rerun).
-            if is_main():
-                store.write_status(cell_dir, "failed", error=f"{type(e).__name__}: {e} (rank {rank()})")
-            raise
-        finally:
-            if logger is not None:
-                logger.close()
-        if is_main():
-            store.write_status(cell_dir, "done")
-        results[cell.name] = "done"
-        barrier()
-    if not is_main():
-        return 0
-    report = finish(grid_name, base, cells, grid_dir, read_base_metrics(grid_dir))
-    skipped = len(cells) - len(valid)
-    print(f"{len(results)} cells done, 0 failed, {skipped} skipped -> {report}")
-    return 0
-
+    mine = rank_cell_dir(cell_dir)
+    mine.mkdir(parents=True, exist_ok=True)
+    have = [p.name for p in store.checkpoint_paths(mine)]
+    if have[:1] == ([main_name] if main_name else []):
+        return
+    for p in store.checkpoint_paths(mine):
+        p.unlink()
+    (mine / store.METRICS_FILE).unlink(missing_ok=True)
+    if main_name is not None:
+        shutil.copyfile(Path(cell_dir) / main_name, mine / main_name)

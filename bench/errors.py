@@ -13,5 +13,12 @@ class UnknownChoice(UserError):
         super().__init__(f"unknown {kind} '{value}'; valid: {', '.join(self.choices)}")
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf: the cell stops and is marked failed."""
+class Diverged(RuntimeError):
+    """A non-finite value in an iteration (samples, rewards, loss, gradients): a result, not a crash.
+
+    The cell stops and is marked `diverged` with the iteration and the quantity; the grid's exit code stays 0."""
+
+    def __init__(self, quantity: str, iteration: int, detail: str = ""):
+        self.quantity, self.iteration = quantity, int(iteration)
+        super().__init__(f"non-finite {quantity} at iteration {iteration}{': ' + detail if detail else ''}")
+

@@ -23,11 +23,20 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig
 
-from bench import store
+from bench import distributed, lifeline, store
+from bench.components import build_world
+from bench.errors import Diverged
 from bench.grid import BASE_CELL, Cell, resolved_yaml
 from bench.locks import CellLock
+from bench.loggers import open_logger
+from bench.meter import ComputeMeter
+from bench.policy import PolicyCall
+from bench.resolve import identity
+from bench.train import train_cell
 
-SETTLED = ("done", "failed")
+SETTLED = ("done", "diverged", "failed")
+FINAL = ("done", "diverged")  # results: a rerun keeps them (a failed cell is retried)
+IDENTITY_FILE = "identity.json"
 
 
 @dataclass
@@ -62,11 +71,18 @@ def read_base_metrics(grid_dir: Path) -> dict[str, Any] | None:
 
 
 def run_base(cell: Cell, grid_dir: Path) -> str:
-    """Eval figures of the base model, computed once per grid into <grid>/base/metrics.json."""
-    from bench.components import build_world
-    from bench.meter import ComputeMeter
-    from bench.policy import PolicyCall
+    """Eval figures of the base model, computed once per grid into <grid>/base/metrics.json (in a data-parallel
+    run rank 0 evaluates alone while the others wait: the eval has no collective inside)."""
+    if not distributed.is_main():
+        distributed.barrier()
+        return "done" if base_metrics_path(grid_dir).exists() else "lost"
+    try:
+        return _evaluate_base_once(cell, grid_dir)
+    finally:
+        distributed.barrier()
 
+
+def _evaluate_base_once(cell: Cell, grid_dir: Path) -> str:
     folder = Path(grid_dir) / BASE_CELL
     if base_metrics_path(grid_dir).exists():
         return "done"
@@ -99,12 +115,24 @@ def evaluate_base(cell: Cell, grid_dir: Path) -> dict[str, Any]:
     return metrics
 
 
+class FollowerLock:
+    """What a rank that does not write holds (the other ranks of a data-parallel cell, or the ranks a runner
+    started under its own lock): the writer's claim, nothing to release."""
+
+    lost = False
+    broke = False
+    owner = None
+
+    def release(self) -> None:
+        pass
+
+
 @contextmanager
-def claimed(cell: Cell, grid_dir: Path, **attempt: Any) -> Iterator[CellLock | str]:
-    """Yield the cell's held lock, or the outcome ("done", "locked") when there is nothing for us to run."""
+def _claim(cell: Cell, grid_dir: Path, **attempt: Any) -> Iterator[CellLock | str]:
     cell_dir = Path(grid_dir) / cell.name
-    if store.read_status(cell_dir)["status"] == "done":
-        yield "done"
+    status = store.read_status(cell_dir)["status"]
+    if status in FINAL:
+        yield status
         return
     lock = make_lock(cell.cfg, cell_dir)
     if not lock.acquire():
@@ -112,40 +140,71 @@ def claimed(cell: Cell, grid_dir: Path, **attempt: Any) -> Iterator[CellLock | s
         return
     try:
         # Read again under the lock: another runner may have finished it since the check above.
-        if store.read_status(cell_dir)["status"] == "done":
-            yield "done"
+        status = store.read_status(cell_dir)["status"]
+        if status in FINAL:
+            yield status
             return
         store.remove_stale_temps(cell_dir)
-        store.record_attempt(cell_dir, resume=(cell_dir / store.CHECKPOINT_FILE).exists(),
+        store.record_attempt(cell_dir, resume=store.has_checkpoint(cell_dir),
                              job_id=lock.owner.job_id if lock.owner else None, took_over=lock.broke, **attempt)
         yield lock
     finally:
         lock.release()
 
 
-def run_cell(cell: Cell, grid_dir: Path, position: int = 1) -> str:
-    """Train (or resume) one cell under its lock, recording done/failed; an error here never touches another
-    cell's folder."""
-    from bench.loggers import open_logger
-    from bench.train import train_cell
+@contextmanager
+def claimed(cell: Cell, grid_dir: Path, held: bool = False, **attempt: Any) -> Iterator[CellLock | FollowerLock | str]:
+    """Yield the cell's held lock, or the outcome ("done", "diverged", "locked") when there is nothing for us to
+    run. Rank 0 claims for a data-parallel launch and tells the others; `held`: our parent holds the lock."""
+    if held:
+        yield FollowerLock()
+        return
+    if not distributed.is_main():
+        outcome = distributed.broadcast_object(None)
+        yield FollowerLock() if outcome is None else outcome
+        return
+    with _claim(cell, grid_dir, **attempt) as lock:
+        distributed.broadcast_object(lock if isinstance(lock, str) else None)
+        yield lock
 
+
+def run_cell(cell: Cell, grid_dir: Path, position: int = 1, held: bool = False) -> str:
+    """Train (or resume) one cell under its lock, recording done / diverged / failed; an error here never touches
+    another cell's folder. The one cell lifecycle of every launcher: in a data-parallel launch every rank runs
+    it, rank 0 writes (status, identity, metrics, samples, checkpoints), the others keep their own stream."""
     cell_dir = Path(grid_dir) / cell.name
-    with claimed(cell, grid_dir) as lock:
+    main = distributed.is_main()
+    with claimed(cell, grid_dir, held=held) as lock:
         if isinstance(lock, str):
             return lock
-        store.atomic_write_text(cell_dir / store.CONFIG_FILE, resolved_yaml(cell.cfg))
-        store.write_status(cell_dir, "running")
-        logger = open_logger(cell.cfg, cell_dir, cell.name, cell.method)
+        if main:
+            write_identity(cell, cell_dir)
+            store.write_status(cell_dir, "running", processes=distributed.world_size())
+        distributed.sync_rank_checkpoint(cell_dir)
+        logger = open_logger(cell.cfg, cell_dir, cell.name, cell.method) if main else None
         try:
-            train_cell(cell.cfg, cell_dir, position, on_row=logger.log if logger else None)
-        except Exception as e:  # a failed cell is a result; the grid goes on
+            train_cell(cell.cfg, distributed.rank_cell_dir(cell_dir), position, on_row=logger.log if logger else None)
+        except Diverged as e:  # a result of the benchmark: which quantity went non-finite, and when
             if lock.lost:
                 return "lost"
-            store.atomic_write_text(cell_dir / "error.log", traceback.format_exc())
-            store.write_status(cell_dir, "failed", error=f"{type(e).__name__}: {e}")
+            if main:
+                store.write_status(cell_dir, "diverged", error=str(e), quantity=e.quantity, iteration=e.iteration)
+            return "diverged"
+        except Exception as e:  # a failed cell is recorded; the grid goes on
+            if lock.lost:
+                return "lost"
+            full = store.disk_full(e, cell_dir)
+            if full is not None:  # not the cell's fault: stop the run, leave the cell to resume from its checkpoint
+                store.note_interrupted(cell_dir, str(full))
+                raise full from e
+            if main:
+                store.atomic_write_text(cell_dir / "error.log", traceback.format_exc())
+                store.write_status(cell_dir, "failed", error=f"{type(e).__name__}: {e}")
+            if distributed.active():  # the other ranks may wait in a collective: stop the launch (it resumes)
+                raise
             return "failed"
         except BaseException:  # Ctrl-C, or submitit's exit on preemption: the next run resumes
-            if not lock.lost:
+            if not lock.lost and main:
                 store.write_status(cell_dir, "interrupted")
             raise
         finally:
@@ -153,8 +212,24 @@ def run_cell(cell: Cell, grid_dir: Path, position: int = 1) -> str:
                 logger.close()
         if lock.lost:
             return "lost"
-        store.write_status(cell_dir, "done")
+        if main:
+            store.write_status(cell_dir, "done")
+        distributed.barrier()
         return "done"
+
+
+def write_identity(cell: Cell, cell_dir: Path) -> None:
+    """config.yaml (the resolved config) and identity.json (its hash and semantic part), before training starts:
+    a later run with another config compares against them and never resumes this cell's work."""
+    store.atomic_write_text(cell_dir / store.CONFIG_FILE, resolved_yaml(cell.cfg))
+    store.atomic_write_text(cell_dir / IDENTITY_FILE, json.dumps({"hash": cell.hash, "identity": identity(cell.cfg)},
+                                                                 indent=1, sort_keys=True, default=str))
+
+
+def read_identity(cell_dir: Path) -> dict[str, Any] | None:
+    """The stored {"hash", "identity"} of a cell folder, or None if it has none (never started)."""
+    path = Path(cell_dir) / IDENTITY_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _free_port() -> int:
@@ -183,7 +258,8 @@ def run_cell_data_parallel(cell: Cell, grid_dir: Path, processes: int) -> str:
             payload.write_bytes(pickle.dumps(Task("cell", cell)))
             cmd = [*data_parallel_command(processes), "-m", "bench.execute", str(payload), str(Path(grid_dir).resolve())]
             # Its own session, so stopping it (preemption, Ctrl-C) reaches every rank it started.
-            proc = subprocess.Popen(cmd, start_new_session=True)
+            # It dies with this process (a job killed with SIGKILL), and its ranks with it (_data_parallel_rank).
+            proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=lifeline.preexec_die_with_parent)
             try:
                 rc = proc.wait()
             except BaseException:
@@ -206,13 +282,12 @@ def run_cell_data_parallel(cell: Cell, grid_dir: Path, processes: int) -> str:
 
 
 def _data_parallel_rank(payload: Path, grid_dir: Path) -> int:
-    """One rank of run_cell_data_parallel: bench.distributed's grid driver over this single cell. The grid's own
-    summary and report are left to the runner, which sees all cells."""
-    from bench import distributed
-
+    """One rank of run_cell_data_parallel: the cell lifecycle under the runner's lock (it watches the ranks); the
+    grid's summary and report are left to the runner, which sees all cells."""
+    lifeline.die_with_parent()  # the `accelerate launch` that started this rank
     task: Task = pickle.loads(Path(payload).read_bytes())
-    return distributed.run_grid(Path(grid_dir).name, task.cell.cfg, [task.cell], lambda base, name: Path(grid_dir),
-                                lambda *args: Path(grid_dir) / task.cell.name)
+    distributed.init()
+    return 0 if run_cell(task.cell, Path(grid_dir), held=True) in FINAL else 1
 
 
 def run_task(task: Task, grid_dir: Path, position: int = 1, processes: int = 1) -> str:

@@ -15,9 +15,17 @@ from omegaconf import DictConfig
 
 from bench.components import plain
 from bench.errors import UserError
+from bench.schema import Option
 
 # logger name -> (module to import, pip package that provides it)
 REQUIREMENTS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+LOGGER_OPTIONS = {
+    "none": {},
+    "tensorboard": {"dir": Option("tensorboard", str, help="event files in <cell>/<dir>")},
+    "wandb": {"mode": Option("offline", str, choices=("offline", "online", "disabled")),
+              "project": Option("diffrl-bench", str), "entity": Option(None, str, nullable=True),
+              "tags": Option([], list, item=Option("", str))},
+}
 
 
 class MetricsLogger(Protocol):

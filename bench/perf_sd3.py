@@ -13,16 +13,16 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
 
-from bench.components import build_methods, build_world
+from bench.components import build_world, incompatibility
 from bench.config import compose_config
 from bench.errors import UserError
-from bench.meter import ComputeMeter
-from bench.policy import PolicyCall
+from bench.resolve import resolve_cell
+from bench.train import build_state, train_iteration
 
 PHASES = ("rollout", "reward", "est_forward", "est_backward", "optimizer")
 
@@ -60,58 +60,32 @@ class Timers:
 
 
 def run(overrides: list[str], iterations: int, warmup: int) -> list[dict[str, float]]:
-    """Per-iteration timings (seconds) of `iterations` training iterations after `warmup` untimed ones."""
-    cfg = compose_config(["world=sd3", *overrides])
-    world = build_world(cfg)
-    m = build_methods(cfg)
-    reason = m.estimator.incompatibility(m.sampler)
+    """Per-iteration timings (seconds) of `iterations` training iterations after `warmup` untimed ones: the
+    iteration is bench.train's own (train_iteration), with timers around its model calls and phases."""
+    cfg = resolve_cell(compose_config(["world=sd3", *overrides]))
+    reason = incompatibility(cfg)
     if reason:
         raise UserError(reason)
-    torch.manual_seed(int(cfg.seed))
-    gen = torch.Generator().manual_seed(int(cfg.seed))
-    policy = world.build_policy()
-    params = policy.trainable_named_parameters()
-    opt = torch.optim.AdamW(params.values(), lr=float(cfg.train.lr))
-    meter = ComputeMeter(device=world.device)
-    model = PolicyCall(policy, meter, guidance=m.sampler.guidance)
-    timers = Timers(world.device)
-    timers.wrap(policy, "velocity", "model_forward")
-    timers.wrap(world, "decode", "model_decode")
-    world.reward_fn.parts = {n: _timed_reward(fn, timers) for n, fn in world.reward_fn.parts.items()}
-    P, G = int(cfg.train.prompts_per_iter), int(cfg.train.group_size)
+    s = build_state(cfg)
+    timers = Timers(s.world.device)
+    timers.wrap(s.policy, "velocity", "model_forward")
+    timers.wrap(s.world, "decode", "model_decode")
+    s.world.reward_fn.parts = {n: _timed_reward(fn, timers) for n, fn in s.world.reward_fn.parts.items()}
+    phase = s.meter.phase
+
+    @contextmanager
+    def timed_phase(name: str) -> Iterator[None]:  # the loop's rollout/reward phases, timed as well
+        with phase(name) as m, (timers(name) if name in ("rollout", "reward") else nullcontext()):
+            yield m
+        if name == "rollout":  # transformer time so far is the rollout's; the rest is the estimator's
+            timers.acc["rollout_model"] = timers.acc.get("model_forward", 0.0)
+
+    s.meter.phase = timed_phase
     rows = []
     for it in range(warmup + iterations):
         timers.acc.clear()
         t_start = time.perf_counter()
-        prompts = world.sample_prompts(P, gen)
-        cond = world.encode(prompts)
-        with timers("rollout"), meter.phase("rollout"), torch.no_grad():
-            rollout = m.sampler.sample(model, prompts, cond, G, world.latent_shape, gen, it + 1)
-        rollout_model = timers.acc["model_forward"]
-        with timers("reward"), meter.phase("reward"):
-            leaf_prompts = [prompts[s] for s in rollout.leaf_slot.tolist()]
-            rollout.reward, _ = world.reward(rollout.x0, leaf_prompts, meter)
-        adv_nodes = m.advantage(rollout)
-        units = m.estimator.units(rollout)
-        adv = adv_nodes[units]
-        draws = m.estimator.prepare(rollout, units, gen)
-        with meter.phase("train"):
-            n_mb = max(1, min(int(cfg.train.minibatches), len(units)))
-            old_all = None
-            if n_mb > 1:  # as bench.train: a fixed old policy once more than one step is taken per batch
-                with timers("est_forward"):
-                    old_all = m.estimator.old_logp(model.with_params(policy.snapshot()), rollout, units, draws, gen, True)
-            for mb in torch.randperm(len(units), generator=gen).chunk(n_mb):
-                with timers("est_forward"):
-                    est = m.estimator.estimate(model, rollout, units[mb], {k: v[mb] for k, v in draws.items()})
-                    old = est.logp.detach() if old_all is None else old_all[mb]
-                    loss, _ = m.objective.loss(est.logp, old, adv[mb])
-                with timers("est_backward"):
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                with timers("optimizer"):
-                    torch.nn.utils.clip_grad_norm_(params.values(), float(cfg.train.max_grad_norm))
-                    opt.step()
+        train_iteration(s, it + 1, timed=timers)
         wall = time.perf_counter() - t_start
         if it < warmup:
             continue
@@ -119,7 +93,8 @@ def run(overrides: list[str], iterations: int, warmup: int) -> list[dict[str, fl
         phases = {p: a.get(p, 0.0) for p in PHASES}
         model_s = a.get("model_forward", 0.0) + a.get("model_decode", 0.0) + a.get("model_reward", 0.0) + phases["est_backward"]
         rows.append({"wall": wall, **phases, "overhead": wall - sum(phases.values()),
-                     "rollout_model": rollout_model, "train_model_forward": a.get("model_forward", 0.0) - rollout_model,
+                     "rollout_model": a.get("rollout_model", 0.0),
+                     "train_model_forward": a.get("model_forward", 0.0) - a.get("rollout_model", 0.0),
                      "decode": a.get("model_decode", 0.0), "reward_model": a.get("model_reward", 0.0),
                      "model": model_s, "outside_model_share": 1.0 - model_s / wall})
     return rows

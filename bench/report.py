@@ -184,12 +184,15 @@ def distinct_methods(df: pd.DataFrame, runs: pd.DataFrame, baseline: str | None
     with the baseline."""
     groups = identical_groups(df)
     base_axes = set()
-    if baseline is not None and len(runs):
+    if baseline is not None and bool((runs.method == baseline).any()):
         b = runs[runs.method == baseline].iloc[0]
         base_axes = {(c, b[c]) for c in runs.columns if c.startswith("axis:")}
 
     def closeness(m: str) -> int:
-        r = runs[runs.method == m].iloc[0]
+        mine = runs[runs.method == m]
+        if mine.empty:  # a method with no finished run (all failed before an eval)
+            return 0
+        r = mine.iloc[0]
         return sum((c, r[c]) in base_axes for c in runs.columns if c.startswith("axis:"))
 
     aliases, hidden = {}, set()

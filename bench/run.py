@@ -1,27 +1,34 @@
 """`python -m bench.run grid=NAME [overrides]`: expand a grid, train every cell, write summary, plots, report.
 
-Cells run where `launcher=` says (local: here, one after another; parallel: worker processes; slurm: one job per
-cell, bench/launchers.py), each under its lock, so several runners can share a grid; bad input (unknown axis, zero
-budget, unwritable or incompatible results folder) fails with one line before anything is written."""
+Every cell's config is resolved and checked against the declared schemas before anything is written; a cell is
+identified by the hash of what it computes (bench/resolve.py), so a rerun reuses finished cells of the same config,
+resumes unfinished ones, and refuses (one line, exit 2, nothing written) to mix cells of another config into a
+results folder. Cells run where `launcher=` says (local, parallel, slurm: bench/launchers.py), each under its lock.
+`--help` lists grids, groups and axes; `--cfg job` (or `--dry-run`) prints the cells and what would run.
+"""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bench import distributed, store
+from bench.cli_help import help_text
 from bench.components import plain, validate_cell
-from bench.config import group_options, split_override
-from bench.errors import NonFiniteLoss, UserError
-from bench.execute import Task, evaluate_base, read_base_metrics, run_cell  # noqa: F401 (public: bench.run.run_cell)
-from bench.grid import Cell, expand_grid, mark_invalid
+from bench.config import split_override
+from bench.errors import UserError
+from bench.fidelity import run_fidelity
+from bench.execute import FINAL, Task, read_base_metrics, read_identity, run_cell  # noqa: F401 (public: bench.run.run_cell)
+from bench.grid import Cell, expand_grid, mark_invalid, unused_keys
 from bench.launchers import build_launcher, check_launcher, drive
 from bench.loggers import check_logger
 from bench.report import write_report
-from bench.summary import build_summary, write_manifest, write_summary
-from bench.train import check_budget
+from bench.resolve import config_diff, identity
+from bench.summary import build_summary, read_manifest, write_manifest, write_summary
+
+DRY_FLAGS = ("--cfg", "--dry-run", "-c")
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:
@@ -33,26 +40,88 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
         else:
             rest.append(item)
     if grid is None:
-        raise UserError(f"no grid given; run python -m bench.run grid=NAME with NAME one of: {', '.join(group_options('grid'))}")
+        raise UserError("no grid given; run python -m bench.run grid=NAME (python -m bench.run --help lists them)")
     return grid, rest
 
 
-def prepare(argv: list[str]) -> tuple[str, DictConfig, list[Cell]]:
+def split_flags(argv: list[str]) -> tuple[list[str], bool, bool]:
+    """(overrides, help wanted, dry run wanted); `--cfg job` / `--cfg=job` / `-c job` / `--dry-run` are dry runs."""
+    out, want_help, dry, i = [], False, False, 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--help", "-h"):
+            want_help = True
+        elif a in ("--cfg", "-c") or a.startswith("--cfg="):
+            value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 0 if "=" in a else 1
+            if value != "job":
+                raise UserError(f"--cfg {value}: unknown; valid: --cfg job (prints every cell's resolved config)")
+            dry = True
+        elif a == "--dry-run":
+            dry = True
+        elif a.startswith("-"):
+            raise UserError(f"{a}: unknown flag; valid: --help, --cfg job, --dry-run")
+        else:
+            out.append(a)
+        i += 1
+    return out, want_help, dry
+
+
+def prepare(argv: list[str], dry: bool = False) -> tuple[str, DictConfig, list[Cell]]:
+    """The grid's cells, every one checked; a dry run skips the machine-specific checks (weights, devices), so
+    a cluster's configs can be inspected anywhere."""
     grid_name, overrides = parse_args(argv)
     base, cells = expand_grid(grid_name, overrides)
     for cell in cells:
-        validate_cell(cell.cfg)
+        validate_cell(cell.cfg, check_files=not dry)
     mark_invalid(cells)
     if not any(c.skip_reason is None for c in cells):
         reasons = sorted({c.skip_reason for c in cells})
         raise UserError(f"every cell of grid '{grid_name}' is invalid: {'; '.join(reasons)}")
-    # Everything that would fail inside a cell fails here instead, before any file is written.
-    for cell in cells:
-        if cell.skip_reason is None:
-            check_budget(cell.cfg)
     check_launcher(base)
     check_logger(base)
+    for key, members in unused_keys([c for c in cells if c.skip_reason is None]).items():
+        print(f"warning: {key} applies to no cell of this run (an option of {', '.join(members)})", file=sys.stderr)
     return grid_name, base, cells
+
+
+def _shared(ident: dict, axes: set[str]) -> dict:
+    """A cell identity without its axis keys and seed: what every cell of one grid folder has in common."""
+    out = {k: v for k, v in ident.items() if k not in axes and k != "seed"}
+    for axis in axes:
+        head, _, tail = axis.partition(".")
+        if tail and isinstance(out.get(head), dict):
+            out[head] = {k: v for k, v in out[head].items() if k != tail}
+    return out
+
+
+def plan_cells(grid_dir: Path, cells: list[Cell], earlier: list[Cell]) -> dict[str, str]:
+    """What each cell of this run will do (run | resume | reuse | skip), or UserError if the folder holds work
+    done under another config: a cell of the same name with another hash, or earlier cells of this grid whose
+    common settings differ from this run's (they would be pooled in one report)."""
+    plan: dict[str, str] = {}
+    valid = [c for c in cells if c.skip_reason is None]
+    for cell in cells:
+        if cell.skip_reason is not None:
+            plan[cell.name] = "skip"
+            continue
+        stored = read_identity(grid_dir / cell.name)
+        if stored is not None and stored["hash"] != cell.hash:
+            raise UserError(f"{grid_dir / cell.name} was run with another config "
+                            f"({config_diff(stored['identity'], identity(cell.cfg))}); give another results_dir= "
+                            "to keep both, or remove that folder")
+        status = store.read_status(grid_dir / cell.name)["status"]
+        plan[cell.name] = ("reuse" if status in FINAL and stored is not None
+                           else "resume" if stored is not None and store.has_checkpoint(grid_dir / cell.name) else "run")
+    names = {c.name for c in cells}
+    axes = {a for c in cells for a in c.axes} | {a for c in earlier for a in c.axes}
+    mine = _shared(identity(valid[0].cfg), axes)
+    for old in earlier:
+        stored = read_identity(grid_dir / old.name) if old.name not in names else None
+        if stored is not None and _shared(stored["identity"], axes) != mine:
+            raise UserError(f"{grid_dir} holds cells run with another config ({config_diff(_shared(stored['identity'], axes), mine)}, "
+                            f"e.g. {old.name}); give another results_dir= to keep both")
+    return plan
 
 
 def open_results(base: DictConfig, grid_name: str) -> Path:
@@ -67,13 +136,20 @@ def open_results(base: DictConfig, grid_name: str) -> Path:
 
 
 def write_grid_meta(grid_name: str, base: DictConfig, cells: list[Cell], grid_dir: Path) -> None:
-    """grid.yaml (what the report needs of the grid config) and cells.json (the cells as expanded); written before
-    any cell runs, so `python -m bench.report` works on a grid that is still running or whose runner died."""
+    """grid.yaml (what the report needs of the grid config) and cells.json (every cell of the folder: this run's
+    and earlier runs'), written before any cell runs, so `python -m bench.report` works while cells run."""
     b = base.budget
     budget = ", ".join(f"{k}={b[k]}" for k in ("nfe", "device_hours", "iterations") if b.get(k) is not None)
     grid_cfg = {**plain(base.grid), "name": grid_name, "budget_text": budget}
     store.atomic_write_text(grid_dir / "grid.yaml", yaml.safe_dump(grid_cfg, sort_keys=False))
     write_manifest(grid_dir, cells)
+
+
+def with_earlier(cells: list[Cell], earlier: list[Cell]) -> list[Cell]:
+    """This run's cells followed by the folder's earlier cells that this run does not name (a restricted rerun or a
+    sweep split over invocations never drops cells from the report)."""
+    names = {c.name for c in cells}
+    return [*cells, *(c for c in earlier if c.name not in names)]
 
 
 def finish(grid_name: str, base, cells: list[Cell], grid_dir: Path, base_metrics: dict | None) -> Path:
@@ -83,42 +159,98 @@ def finish(grid_name: str, base, cells: list[Cell], grid_dir: Path, base_metrics
     return write_report(grid_dir)
 
 
+def print_plan(cells: list[Cell], plan: dict[str, str], grid_dir: Path, show_configs: bool) -> None:
+    counts = {k: sum(v == k for v in plan.values()) for k in ("run", "resume", "reuse", "skip")}
+    for cell in cells:
+        print(f"# {cell.name}: {plan[cell.name]}" + (f" ({cell.skip_reason})" if cell.skip_reason else "")
+              + (f"  hash={cell.hash}" if cell.hash else ""))
+        if show_configs and cell.skip_reason is None:
+            print(OmegaConf.to_yaml(cell.cfg, resolve=True))
+    print(f"{len(cells)} cells in {grid_dir}: {counts['run']} to run, {counts['resume']} to resume, "
+          f"{counts['reuse']} reused, {counts['skip']} skipped (dry run: nothing written)")
+
+
+EXIT_DISK_FULL = 3  # exit codes: 0 done or diverged, 1 a cell crashed, 2 bad input, 3 disk full, 130 Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        grid_name, base, cells = prepare(argv)
-        if distributed.active():  # accelerate launch: all ranks train each cell together (bench/distributed.py)
-            return distributed.run_grid(grid_name, base, cells, open_results, finish)
-        grid_dir = open_results(base, grid_name)
+        overrides, want_help, dry = split_flags(argv)
+        if want_help:
+            print(help_text(overrides))
+            return 0
+        grid_name, base, cells = prepare(overrides, dry=dry)
+        grid_dir = Path(base.results_dir) / grid_name
+        store.check_writable(grid_dir)
+        store.check_results_version(grid_dir)
+        earlier = (read_manifest(grid_dir) or []) if grid_dir.is_dir() else []
+        if base.grid.get("kind", "train") != "fidelity":
+            plan = plan_cells(grid_dir, cells, earlier)
+        if dry:
+            if base.grid.get("kind", "train") == "fidelity":
+                print(OmegaConf.to_yaml(base, resolve=True))
+                return 0
+            print_plan(cells, plan, grid_dir, show_configs=any(a.startswith(("--cfg", "-c")) for a in argv))
+            return 0
+        distributed.init()  # accelerate launch / torchrun: join the ranks before any world is built
+        if distributed.is_main():
+            open_results(base, grid_name)
+        distributed.barrier()
         if base.grid.get("kind", "train") == "fidelity":  # a measurement of estimators, not a training grid
-            from bench.fidelity import run_fidelity
-
             return run_fidelity(grid_name, base, cells[0].overrides, grid_dir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     valid = [c for c in cells if c.skip_reason is None]
     skipped = [c for c in cells if c.skip_reason is not None]
+    every = with_earlier(cells, earlier)
+    tasks = [Task("base", valid[0]), *(Task("cell", c) for c in valid)]
+    if distributed.active():  # every rank trains each cell together; rank 0 writes (bench/distributed.py)
+        if distributed.is_main():
+            print(f"data-parallel over {distributed.world_size()} processes; rank 0 writes {grid_dir}", flush=True)
+            write_grid_meta(grid_name, base, every, grid_dir)
+        results = drive(build_launcher(base), tasks, grid_dir)
+        if not distributed.is_main():
+            return 0
+        return summarise(grid_name, base, every, grid_dir, results, len(valid), len(skipped))
     for reason in sorted({c.skip_reason for c in skipped}):
         n = sum(c.skip_reason == reason for c in skipped)
         print(f"skipping {n} cell(s): {reason}")
-    write_grid_meta(grid_name, base, cells, grid_dir)
-    tasks = [Task("base", valid[0]), *(Task("cell", c) for c in valid)]
+    counts = {k: sum(v == k for v in plan.values()) for k in ("run", "resume", "reuse")}
+    print(f"{len(valid)} cells: {counts['run']} to run, {counts['resume']} to resume, {counts['reuse']} reused "
+          "(finished under the same config)")
     try:
+        write_grid_meta(grid_name, base, every, grid_dir)
         results = drive(build_launcher(base), tasks, grid_dir, poll_s=float(base.launcher.get("poll_s", 10)))
+        return summarise(grid_name, base, every, grid_dir, results, len(valid), len(skipped))
     except KeyboardInterrupt:
         print(f"interrupted; rerun the same command to resume from the cells' checkpoints ({grid_dir})", file=sys.stderr)
         return 130
+    except (store.DiskFull, OSError) as e:  # every cell stays resumable (bench/store.py); nothing to report
+        full = store.disk_full(e, grid_dir)
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return EXIT_DISK_FULL
+
+
+def summarise(grid_name: str, base: DictConfig, every: list[Cell], grid_dir: Path, results: dict[str, str],
+              n_valid: int, n_skipped: int) -> int:
+    """Summary, plots and report of every cell of the folder; prints the outcome; the exit code (1: a crash)."""
     results.pop("base", None)
-    report = finish(grid_name, base, cells, grid_dir, read_base_metrics(grid_dir))
-    failed = {n: store.read_status(grid_dir / n).get("error") or "" for n, s in results.items() if s == "failed"}
-    print(f"{len(valid) - len(failed)} cells done, {len(failed)} failed, {len(skipped)} skipped -> {report}")
-    for name, error in failed.items():
-        print(f"  failed {name}: {error}")
-    # A diverged cell (non-finite loss) is a result of the benchmark, reported like any other; a cell that
-    # crashed for any other reason is a bug or a broken setup, and the exit code says so.
-    crashed = [n for n, e in failed.items() if not e.startswith(NonFiniteLoss.__name__)]
-    return 1 if crashed else 0
+    report = finish(grid_name, base, every, grid_dir, read_base_metrics(grid_dir))
+    status = {n: store.read_status(grid_dir / n) for n in results}
+    diverged = {n: s.get("error") or "" for n, s in status.items() if s["status"] == "diverged"}
+    failed = {n: status[n].get("error") or f"its runner gave up ({r})" for n, r in results.items()
+              if n not in diverged and (r == "failed" or status[n]["status"] == "failed")}
+    print(f"{n_valid - len(failed) - len(diverged)} cells done, {len(diverged)} diverged, {len(failed)} failed, "
+          f"{n_skipped} skipped -> {report}")
+    for name, error in {**diverged, **failed}.items():
+        print(f"  {'diverged' if name in diverged else 'failed'} {name}: {error}")
+    # A diverged cell is a result of the benchmark, reported like any other; a cell that crashed is a bug or a
+    # broken setup, and the exit code says so.
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -3,21 +3,36 @@ from __future__ import annotations
 
 
 from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ContextManager
 
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from bench import distributed, store
-from bench.components import build_methods, build_world
-from bench.errors import NonFiniteLoss, UserError
+from bench.components import Components, build_methods, build_world
+from bench.errors import Diverged, UserError
 from bench.meter import ComputeMeter
-from bench.ema import ema_decay, ema_update
-from bench.policy import PolicyCall
+from bench.ema import ema_decay, ema_update, optimizer_steps
+from bench.policy import Policy, PolicyCall
+from bench.resolve import resolve_cell
+
+from objectives.filtering import drop_zero_advantage
 from objectives.kl import kl_penalty
 
 TIMING_KEYS = ("iter_wall_s", "wall_s", "device_s", "device_hours", "peak_mem_mb", "rollout_s", "reward_s", "train_s")
+
+
+def check_finite(quantity: str, value: torch.Tensor, iteration: int) -> None:
+    """Diverged(quantity, iteration) if any element of `value` is NaN or infinite."""
+    # Every rank of a data-parallel cell stops at the same check (a lone rank raising would leave the others
+    # waiting in a collective).
+    if distributed.any_rank(not bool(torch.isfinite(value).all())):
+        bad = int((~torch.isfinite(value)).sum())
+        raise Diverged(quantity, iteration, f"{bad} of {value.numel()} values")
 
 
 def budget_reached(cfg: DictConfig, iteration: int, meter: ComputeMeter) -> bool:
@@ -60,16 +75,30 @@ def minibatch_indices(n: int, minibatches: int, generator: torch.Generator,
     return [(chunk_of_unit == c).nonzero().squeeze(1) for c in range(len(chunks))]
 
 
-def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1,
-               on_row: Callable[[dict], None] | None = None) -> None:
-    """Run (or resume) one cell until its budget; writes metrics.jsonl, eval PNGs, checkpoints; `on_row` sees each
-    metrics row once it is on disk (experiment trackers)."""
+@dataclass
+class CellState:
+    """Everything one cell's iterations share: built once, then updated in place (never per iteration)."""
+
+    cfg: DictConfig
+    world: Any
+    methods: Components
+    policy: Policy
+    params: dict[str, torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    meter: ComputeMeter
+    model: PolicyCall
+    gen: torch.Generator
+    ref_params: dict[str, torch.Tensor]
+    ema_params: dict[str, torch.Tensor] | None
+    sample_with_old: bool
+
+
+def build_state(cfg: DictConfig) -> CellState:
+    """World, methods, policy, optimizer and meter of a cell, seeded from cfg.seed (nothing is read or written)."""
+    cfg = resolve_cell(cfg)  # a no-op on a cell's config; fills defaults in a bare composition (tests, tools)
     check_budget(cfg)
-    cell_dir = Path(cell_dir)
-    cell_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(int(cfg.seed))
     gen = torch.Generator().manual_seed(int(cfg.seed))
-
     world = build_world(cfg)
     m = build_methods(cfg)
     policy = world.build_policy()
@@ -77,78 +106,64 @@ def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1,
     params = policy.trainable_named_parameters()
     opt = torch.optim.AdamW(params.values(), lr=float(cfg.train.lr), weight_decay=float(cfg.train.weight_decay))
     meter = distributed.make_meter(world.device)  # one process: ComputeMeter(num_devices=1)
-    ref_params = policy.snapshot()
     ema_params = policy.snapshot() if cfg.train.old_policy == "ema" else None
-    if cfg.train.old_policy not in ("sampling", "ema"):
-        raise UserError(f"unknown train.old_policy '{cfg.train.old_policy}'; valid: ema, sampling")
-    model = PolicyCall(policy, meter, guidance=m.sampler.guidance)
-    iteration = 0
+    model = PolicyCall(policy, meter, guidance=m.sampler.guidance, detach_uncond=bool(cfg.train.detach_uncond))
+    return CellState(cfg, world, m, policy, params, opt, meter, model,
+                     gen, policy.snapshot(), ema_params,
+                     ema_params is not None and cfg.train.get("sampling_policy", "current") == "old")
 
-    ckpt = store.load_checkpoint(cell_dir)
-    if ckpt is not None:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(ckpt["params"][n])
-        opt.load_state_dict(ckpt["optimizer"])
-        meter.load_state_dict(ckpt["meter"])
-        gen.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        ema_params = ckpt.get("ema")
-        if hasattr(m.advantage, "load_state_dict"):
-            m.advantage.load_state_dict(ckpt.get("advantage") or {})
-        iteration = ckpt["iteration"]
-        store.truncate_metrics(cell_dir, iteration)
-    else:
-        (cell_dir / store.METRICS_FILE).unlink(missing_ok=True)
-        with meter.phase("eval"):
-            row = {"iteration": 0, "nfe": 0, "device_hours": 0.0, "wall_s": 0.0,
-                   **world.evaluate(model, cell_dir / "samples", "0000")}
-        store.append_metrics(cell_dir, row)
-        if on_row is not None:
-            on_row(row)
 
+def train_iteration(s: CellState, iteration: int, timed: Callable[[str], ContextManager] = lambda name: nullcontext()
+                    ) -> dict[str, Any]:
+    """One RL iteration, top to bottom: rollout -> reward -> advantages -> estimator -> objective -> optimizer.
+
+    Returns the iteration's metrics row (compute counters, training statistics; no eval). `timed(name)` wraps the
+    estimator forward, the backward pass and the optimizer step (bench.perf times them; a no-op otherwise)."""
+    cfg, world, m, model, meter, gen = s.cfg, s.world, s.methods, s.model, s.meter, s.gen
     P, G = int(cfg.train.prompts_per_iter), int(cfg.train.group_size)
-    bar = tqdm(desc=cell_dir.name, total=cfg.budget.iterations, initial=iteration, position=position,
-               leave=False, dynamic_ncols=True, disable=None)
-    while not budget_reached(cfg, iteration, meter):
-        iteration += 1
-        nfe_before = meter.total_nfe
-        meter.start_iteration()
+    meter.start_iteration()
 
-        # 1. Rollout with the current (sampling) policy.
-        prompts = world.sample_prompts(P, gen)
-        cond = world.encode(prompts)
-        with meter.phase("rollout"), torch.no_grad():
-            rollout = m.sampler.sample(model, prompts, cond, G, world.latent_shape, gen, iteration)
+    # 1. Rollout with the sampling policy (the current one, or the EMA old policy).
+    prompts = world.sample_prompts(P, gen)
+    cond = world.encode(prompts)
+    with meter.phase("rollout"), torch.no_grad():
+        sampler_model = model.with_params(s.ema_params) if s.sample_with_old else model
+        rollout = m.sampler.sample(sampler_model, prompts, cond, G, world.latent_shape, gen, iteration)
+    # A diverged policy's samples never reach a reward model (scikit-learn and CLIP fail on NaN inputs).
+    check_finite("samples", rollout.x0, iteration)
 
-        # 2. Rewards of the final samples.
-        with meter.phase("reward"):
-            leaf_prompts = [prompts[s] for s in rollout.leaf_slot.tolist()]
-            rollout.reward, rollout.reward_parts = world.reward(rollout.x0, leaf_prompts, meter)
+    # 2. Rewards of the final samples.
+    with meter.phase("reward"):
+        leaf_prompts = [prompts[i] for i in rollout.leaf_slot.tolist()]
+        rollout.reward, rollout.reward_parts = world.reward(rollout.reward_input, leaf_prompts, meter)
+    check_finite("rewards", rollout.reward, iteration)
 
-        # 3. Advantages per node, then the estimator's action units.
-        adv_nodes = m.advantage(rollout)
-        units = m.estimator.units(rollout)
-        adv = adv_nodes[units]
-        draws = m.estimator.prepare(rollout, units, gen)
+    # 3. Advantages per node, then the estimator's action units.
+    adv_nodes = m.advantage(rollout)
+    units = m.estimator.units(rollout)
+    adv = adv_nodes[units]
+    if cfg.train.drop_zero_advantage:
+        units, adv = drop_zero_advantage(units, adv)
+    draws = m.estimator.prepare(rollout, units, gen)
 
-        # 4. Policy update: epochs x minibatches optimizer steps against a fixed old policy.
-        old_params = ema_params if ema_params is not None else policy.snapshot()
-        is_sampling = ema_params is None
-        stats_acc: dict[str, list[float]] = {}
-        with meter.phase("train"):
-            # log pi_old per unit, filled on first use: the units of the first minibatch take the current policy's
-            # own value (it *is* the sampling policy then), so only later minibatches pay old-policy forwards.
-            logp_old_all = torch.full((len(units),), float("nan"), device=units.device)
-            known = torch.zeros(len(units), dtype=torch.bool, device=units.device)
-            groups = m.estimator.unit_groups(rollout, units)
-            stepped = False
-            for _ in range(int(cfg.train.epochs)):
-                for mb in minibatch_indices(len(units), int(cfg.train.minibatches), gen, groups):
+    # 4. Policy update: epochs x minibatches optimizer steps against a fixed old policy.
+    old_params = s.ema_params if s.ema_params is not None else s.policy.snapshot()
+    is_sampling = s.ema_params is None or s.sample_with_old  # the old policy is the one that sampled
+    stats_acc: dict[str, list[float]] = {}
+    with meter.phase("train"):
+        # log pi_old per unit, filled on first use: the units of the first minibatch take the current policy's
+        # own value (it *is* the sampling policy then), so only later minibatches pay old-policy forwards.
+        logp_old_all = torch.full((len(units),), float("nan"), device=units.device)
+        known = torch.zeros(len(units), dtype=torch.bool, device=units.device)
+        groups = m.estimator.unit_groups(rollout, units)
+        stepped = False
+        for _ in range(int(cfg.train.epochs)):
+            for mb in minibatch_indices(len(units), int(cfg.train.minibatches), gen, groups):
+                with timed("est_forward"):
                     est = m.estimator.estimate(model, rollout, units[mb], {k: v[mb] for k, v in draws.items()})
                     # Before the first optimizer step the current policy *is* the sampling policy: reuse its value
                     # exactly (a stored or batch-recomputed value differs in the last bits), so the ratio is 1.
-                    fresh = is_sampling and not stepped
+                    fresh = s.ema_params is None and not stepped
                     if m.objective.on_noised_samples:  # nft, awm: v_old per minibatch, no log-likelihood
                         model_old = None if fresh else model.with_params(old_params)
                         loss, stats = m.objective.sample_loss(est, rollout.x[units[mb]], adv[mb], model_old)
@@ -163,44 +178,94 @@ def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1,
                             known[missing] = True
                         loss, stats = m.objective.loss(est.logp, logp_old_all[mb], adv[mb])
                     if cfg.train.kl_coef:
-                        kl = kl_penalty(cfg.train.get("kl_type", "velocity"), est, model.with_params(ref_params),
+                        kl = kl_penalty(cfg.train.get("kl_type", "velocity"), est, model.with_params(s.ref_params),
                                         rollout, units[mb])
                         loss = loss + float(cfg.train.kl_coef) * kl
                         stats["kl"] = kl.item()
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at iteration {iteration}")
-                    opt.zero_grad(set_to_none=True)
+                check_finite("loss", loss, iteration)
+                with timed("est_backward"):
+                    s.opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), float(cfg.train.max_grad_norm))
-                    opt.step()
-                    stepped = True
-                    stats.update(loss=loss.item(), grad_norm=grad_norm.item())
-                    for k, v in stats.items():
-                        stats_acc.setdefault(k, []).append(v)
-        if ema_params is not None:
-            ema_update(ema_params, params, ema_decay(cfg.train, iteration))
+                with timed("optimizer"):
+                    grad_norm = torch.nn.utils.clip_grad_norm_(s.params.values(), float(cfg.train.max_grad_norm))
+                    check_finite("gradients", grad_norm, iteration)  # before the step: the weights stay finite
+                    s.opt.step()
+                stepped = True
+                stats.update(loss=loss.item(), grad_norm=grad_norm.item())
+                for k, v in stats.items():
+                    stats_acc.setdefault(k, []).append(v)
+    if s.ema_params is not None:
+        ema_update(s.ema_params, s.params, ema_decay(cfg.train, iteration, optimizer_steps(s.opt)))
 
-        # 5. Log: compute figures, training statistics, and eval figures when due.
-        row = {"iteration": iteration, **meter.end_iteration()}
-        row.update({k: (min(v) if k == "ratio_min" else max(v) if k == "ratio_max" else sum(v) / len(v))
-                    for k, v in stats_acc.items()})
-        all_rewards = distributed.all_gather(rollout.reward)  # every rank's rewards (this rank's in one process)
-        row.update(train_reward_mean=all_rewards.mean().item(), train_reward_std=all_rewards.std().item(),
-                   num_units=len(units), num_samples=len(rollout.leaves))
-        last = budget_reached(cfg, iteration, meter)
-        if last or eval_due(cfg, iteration, nfe_before, meter.total_nfe):
-            with meter.phase("eval"):
-                row.update(world.evaluate(model, cell_dir / "samples", f"{iteration:04d}"))
+    # 5. The row: compute figures and training statistics.
+    row = {"iteration": iteration, **meter.end_iteration()}
+    row.update({k: (min(v) if k == "ratio_min" else max(v) if k == "ratio_max" else sum(v) / len(v))
+                for k, v in stats_acc.items()})
+    all_rewards = distributed.all_gather(rollout.reward)  # every rank's rewards (this rank's in one process)
+    row.update(train_reward_mean=all_rewards.mean().item(), train_reward_std=all_rewards.std().item(),
+               num_units=len(units), num_samples=len(rollout.leaves))
+    return row
+
+
+def checkpoint_state(s: CellState, iteration: int) -> dict[str, Any]:
+    """What a resume needs: weights, optimizer, meter, random streams, EMA, advantage statistics."""
+    m = s.methods
+    return {"iteration": iteration, "params": s.policy.snapshot(), "optimizer": s.opt.state_dict(),
+            "meter": s.meter.state_dict(), "generator": s.gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "ema": s.ema_params, "advantage": m.advantage.state_dict() if hasattr(m.advantage, "state_dict") else None}
+
+
+def resume(s: CellState, ckpt: dict[str, Any]) -> int:
+    """Load a checkpoint into the state; returns its iteration."""
+    with torch.no_grad():
+        for n, p in s.params.items():
+            p.copy_(ckpt["params"][n])
+    s.opt.load_state_dict(ckpt["optimizer"])
+    s.meter.load_state_dict(ckpt["meter"])
+    s.gen.set_state(ckpt["generator"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    s.ema_params = ckpt.get("ema")
+    if hasattr(s.methods.advantage, "load_state_dict"):
+        s.methods.advantage.load_state_dict(ckpt.get("advantage") or {})
+    return int(ckpt["iteration"])
+
+
+def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1,
+               on_row: Callable[[dict], None] | None = None) -> None:
+    """Run (or resume) one cell until its budget; writes metrics.jsonl, eval PNGs, checkpoints; `on_row` sees each
+    metrics row once it is on disk (experiment trackers)."""
+    cell_dir = Path(cell_dir)
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    s = build_state(cfg)
+    iteration = 0
+    ckpt = store.load_checkpoint(cell_dir)
+    if ckpt is not None:
+        iteration = resume(s, ckpt)
+        store.restore_metrics(cell_dir, ckpt)  # its rows: a torn or truncated metrics.jsonl loses none
+    else:
+        (cell_dir / store.METRICS_FILE).unlink(missing_ok=True)
+        with s.meter.phase("eval"):
+            row = {"iteration": 0, "nfe": 0, "device_hours": 0.0, "wall_s": 0.0,
+                   **s.world.evaluate(s.model, cell_dir / "samples", "0000")}
+        store.append_metrics(cell_dir, row)
+        if on_row is not None:
+            on_row(row)
+
+    bar = tqdm(desc=cell_dir.name, total=cfg.budget.iterations, initial=iteration, position=position,
+               leave=False, dynamic_ncols=True, disable=None)
+    while not budget_reached(cfg, iteration, s.meter):
+        iteration += 1
+        nfe_before = s.meter.total_nfe
+        row = train_iteration(s, iteration)
+        last = budget_reached(cfg, iteration, s.meter)
+        if last or eval_due(cfg, iteration, nfe_before, s.meter.total_nfe):
+            with s.meter.phase("eval"):
+                row.update(s.world.evaluate(s.model, cell_dir / "samples", f"{iteration:04d}"))
         store.append_metrics(cell_dir, row)
         if on_row is not None:
             on_row(row)
         if last or "eval_reward" in row or iteration % int(cfg.checkpoint.every) == 0:
-            store.save_checkpoint(cell_dir, {
-                "iteration": iteration, "params": policy.snapshot(), "optimizer": opt.state_dict(),
-                "meter": meter.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "ema": ema_params, "advantage": m.advantage.state_dict() if hasattr(m.advantage, "state_dict") else None})
+            store.save_checkpoint(cell_dir, checkpoint_state(s, iteration), keep=int(cfg.checkpoint.get("keep", 2)))
         bar.update(1)
-        bar.set_postfix(reward=f"{row['train_reward_mean']:.3f}", nfe=meter.total_nfe)
+        bar.set_postfix(reward=f"{row['train_reward_mean']:.3f}", nfe=s.meter.total_nfe)
     bar.close()
-
-

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import torch
 
 from bench.policy import Cond, PolicyCall
+from bench.schema import Configurable, Option
 from samplers.rollout import Rollout
 
 
@@ -22,17 +23,18 @@ class Estimate:
     unit_of_eval: torch.Tensor  # [M] which unit (0..U-1) each evaluation belongs to
 
 
-class Estimator:
+class Estimator(Configurable):
     """Maps a Rollout to action units (node ids) and estimates log pi(unit) for any parameters."""
+
+    GROUP = "estimator"
+    OPTIONS = {"reduce": Option("mean", str, choices=("mean", "sum"), help="reduction over non-batch dims")}
 
     final_sample: bool = False  # True: works on leaves, so any sampler (ODE, trees) will do
     noised_samples: bool = False  # True: estimate() evaluates v at x_t = (1 - t) x0 + t eps of each unit's sample
 
     def __init__(self, cfg: Mapping[str, Any]):
-        self.cfg = dict(cfg)
-        self.reduce = self.cfg.get("reduce", "mean")
-        if self.reduce not in ("mean", "sum"):
-            raise ValueError(f"unknown reduce '{self.reduce}'; valid: mean, sum")
+        self.cfg = self.resolve_options(cfg)
+        self.reduce = self.cfg["reduce"]
 
     def incompatibility(self, sampler) -> str | None:
         """Why this estimator cannot run on `sampler`, or None if it can."""

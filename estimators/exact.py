@@ -8,6 +8,7 @@ import torch
 from torch.func import jvp, vmap
 
 from bench.policy import Cond
+from bench.schema import Option
 from estimators import ESTIMATORS
 from estimators.base import Estimate, Estimator
 
@@ -42,16 +43,16 @@ def velocity_and_divergence(f: VelocityFn, x: torch.Tensor, t: torch.Tensor, con
 
 
 def cnf_log_likelihood(f: VelocityFn, x0: torch.Tensor, cond: Cond, steps: int = 32, method: str = "rk4",
-                       probe: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(x0) in nats per sample, v(x0, 0)): FFJORD's (Grathwohl et al. 2019) instantaneous change of variables.
+                       probe: torch.Tensor | None = None, t0: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(x0) in nats per sample, v(x0, t0)): FFJORD's (Grathwohl et al. 2019) instantaneous change of variables.
 
     With x_t = (1 - t) x0 + t eps and dx/dt = v, d log p_t(x_t)/dt = -div v, so integrating the ODE forwards
-    from the sample at t = 0 to noise at t = 1: log p_0(x0) = log N(x1; 0, I) + int_0^1 div v(x_t, t) dt.
+    from the sample at t = t0 (0 for flows) to noise at t = 1: log p_t0(x0) = log N(x1; 0, I) + int div v dt.
     """
     if method not in METHODS:
         raise ValueError(f"unknown integration method '{method}'; valid: {', '.join(METHODS)}")
     b, d = x0.shape[0], x0[0].numel()
-    h = 1.0 / steps
+    h = (1.0 - t0) / steps
     x, total = x0, torch.zeros(b, dtype=x0.dtype, device=x0.device)
 
     def field(y: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +60,7 @@ def cnf_log_likelihood(f: VelocityFn, x0: torch.Tensor, cond: Cond, steps: int =
 
     v_first = None
     for i in range(steps):
-        t = i * h
+        t = t0 + i * h
         k1, l1 = field(x, t)
         if v_first is None:
             v_first = k1
@@ -84,20 +85,21 @@ class ExactEstimator(Estimator):
     mean: nats per dimension). It carries no gradient, so training grids skip it with a reason.
     """
 
+    OPTIONS = {
+        "steps": Option(64, int, low=1, help="integration steps over t in [0, 1]"),
+        "method": Option("euler", str, choices=tuple(METHODS)),
+        "divergence": Option("exact", str, choices=tuple(DIVERGENCES)),
+        "probes": Option(1, int, low=1, help="Hutchinson probes"),
+        "reduce": Option("sum", str, choices=("mean", "sum"), help="sum: nats; mean: nats per dimension"),
+    }
     final_sample = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.steps = int(self.cfg.get("steps", 64))
-        self.method = self.cfg.get("method", "euler")
-        self.divergence = self.cfg.get("divergence", "exact")
-        self.probes = int(self.cfg.get("probes", 1))
-        if self.method not in METHODS:
-            raise ValueError(f"unknown integration method '{self.method}'; valid: {', '.join(METHODS)}")
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"unknown divergence '{self.divergence}'; valid: {', '.join(DIVERGENCES)}")
-        if self.steps < 1 or self.probes < 1:
-            raise ValueError(f"exact estimator needs steps >= 1 and probes >= 1, got {self.steps}, {self.probes}")
+        self.steps = int(self.cfg["steps"])
+        self.method = self.cfg["method"]
+        self.divergence = self.cfg["divergence"]
+        self.probes = int(self.cfg["probes"])
 
     def incompatibility(self, sampler):
         return ("estimator 'exact' is a diagnostic (CNF log-likelihood without gradient); "
@@ -116,9 +118,14 @@ class ExactEstimator(Estimator):
     def estimate(self, model, rollout, units, draws):
         x0, cond = rollout.x[units], rollout.node_cond(units)
         probe = draws["probe"].transpose(0, 1) if "probe" in draws else None
+        family, start, f = rollout.family, 0.0, model
+        if family.name != "flow":
+            # A VP model's probability-flow ODE in its own time, from where its rollouts end (DDIM's last abar).
+            start = float(rollout.schedule[-1])
+            f = lambda y, t, c: family.ode_velocity(y, model(y, t, c), t)  # noqa: E731
         with torch.no_grad():
-            logp, v0 = cnf_log_likelihood(model, x0, cond, self.steps, self.method, probe)
+            logp, v0 = cnf_log_likelihood(f, x0, cond, self.steps, self.method, probe, start)
         if self.reduce == "mean":
             logp = logp / x0[0].numel()
-        t0 = torch.zeros(len(units), dtype=x0.dtype, device=x0.device)
+        t0 = torch.full((len(units),), start, dtype=x0.dtype, device=x0.device)
         return Estimate(logp, v0, x0, t0, cond, torch.arange(len(units), device=x0.device))

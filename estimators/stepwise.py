@@ -5,7 +5,7 @@ import torch
 
 from estimators import ESTIMATORS
 from estimators.base import Estimate, Estimator
-from samplers.kernels import gaussian_logp
+from samplers.kernels import transition_logp
 
 
 @ESTIMATORS.register("stepwise")
@@ -32,7 +32,7 @@ class StepwiseEstimator(Estimator):
         v = model(x_p, t_p, cond_p)
         t_c = rollout.t[units]
         mu, _ = rollout.kernel.mean_scale(x_p[inverse], v[inverse], t_p[inverse], t_c, rollout.schedule)
-        logp = gaussian_logp(rollout.x[units], mu, rollout.scale[units], self.reduce)
+        logp = transition_logp(rollout.kernel, rollout.x[units], mu, rollout.scale[units], self.reduce)
         unit_of_eval = torch.zeros(len(uniq), dtype=torch.long, device=units.device)
         unit_of_eval[inverse] = torch.arange(len(units), device=units.device)
         return Estimate(logp, v, x_p, t_p, cond_p, unit_of_eval)

@@ -1,6 +1,7 @@
 """Advantage Weighted Matching (AWM, arXiv 2509.25050)."""
 from __future__ import annotations
 
+from bench.schema import Option
 from objectives import OBJECTIVES
 from objectives.base import Objective
 from objectives.matching import MATCHING_WEIGHTINGS, matching_error, per_unit
@@ -15,13 +16,12 @@ class AWM(Objective):
     separate so the estimator's J/timestep/noising options can vary underneath it.
     """
 
+    OPTIONS = {"weighting": Option("uniform", str, choices=MATCHING_WEIGHTINGS)}
     on_noised_samples = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.weighting = self.cfg.get("weighting", "uniform")
-        if self.weighting not in MATCHING_WEIGHTINGS:
-            raise ValueError(f"unknown awm weighting '{self.weighting}'; valid: {', '.join(MATCHING_WEIGHTINGS)}")
+        self.weighting = self.cfg["weighting"]
 
     def sample_loss(self, est, x0, adv, model_old):
         err = per_unit(matching_error(est, x0, est.v, self.weighting), est, len(x0))

@@ -6,6 +6,7 @@ from typing import Any, Mapping
 import torch
 
 from bench.policy import PolicyCall
+from bench.schema import Configurable
 from estimators.base import Estimate
 
 
@@ -18,7 +19,7 @@ def ratio_stats(logp: torch.Tensor, logp_old: torch.Tensor) -> dict[str, float]:
                 "approx_kl_old": (0.5 * log_r**2).mean().item()}
 
 
-class Objective:
+class Objective(Configurable):
     """Loss over action units: `loss(logp_theta, logp_old, A) -> (scalar, stats)`.
 
     Objectives that regress velocities on noised final samples instead of weighting a log-ratio (DiffusionNFT,
@@ -26,10 +27,11 @@ class Objective:
     x_t = (1 - t) x0 + t eps (its J, timesteps, time_fraction and noising options) and v_theta there.
     """
 
+    GROUP = "objective"
     on_noised_samples: bool = False
 
     def __init__(self, cfg: Mapping[str, Any]):
-        self.cfg = dict(cfg)
+        self.cfg = self.resolve_options(cfg)
 
     def incompatibility(self, sampler, estimator) -> str | None:
         """Why this objective cannot train with `estimator` on `sampler`, or None if it can."""

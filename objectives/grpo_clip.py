@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from bench.schema import Option
 from objectives import OBJECTIVES
 from objectives.base import Objective, ratio_stats
 
@@ -11,8 +12,10 @@ from objectives.base import Objective, ratio_stats
 class GRPOClip(Objective):
     """Flow-GRPO (arXiv 2505.05470): mean(max(-A r, -A clip(r, 1 - eps, 1 + eps)))."""
 
+    OPTIONS = {"clip_range": Option(1e-4, float, low=0, low_open=True, help="PPO clip eps (Flow-GRPO, DDPO: 1e-4)")}
+
     def loss(self, logp, logp_old, adv):
-        eps = float(self.cfg.get("clip_range", 1e-4))
+        eps = float(self.cfg["clip_range"])
         r = torch.exp(logp - logp_old)
         unclipped = -adv * r
         clipped = -adv * torch.clamp(r, 1 - eps, 1 + eps)

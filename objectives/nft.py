@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from bench.schema import Option
 from objectives import OBJECTIVES
 from objectives.base import Objective, old_velocity
 from objectives.matching import matching_error, per_unit
@@ -20,14 +21,14 @@ class NFT(Objective):
     value itself grows like L(v_old) A_max / beta. Options: `beta` (default 1.0), `adv_max` (A_max, default 5).
     """
 
+    OPTIONS = {"beta": Option(1.0, float, low=0, low_open=True, help="mixing of v_theta into v+ / v-"),
+               "adv_max": Option(5.0, float, low=0, low_open=True, help="A_max of the optimality weight")}
     on_noised_samples = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.beta = float(self.cfg.get("beta", 1.0))
-        self.adv_max = float(self.cfg.get("adv_max", 5.0))
-        if not self.beta > 0 or not self.adv_max > 0:
-            raise ValueError(f"nft needs beta > 0 and adv_max > 0, got beta={self.beta}, adv_max={self.adv_max}")
+        self.beta = float(self.cfg["beta"])
+        self.adv_max = float(self.cfg["adv_max"])
 
     def optimality_weight(self, adv: torch.Tensor) -> torch.Tensor:
         """r in [0, 1]: 1 trains only the positive policy, 0 only the negative one, 1/2 for A = 0."""

@@ -5,7 +5,7 @@ from typing import Any, Mapping
 
 import torch
 
-from bench.errors import UnknownChoice
+from bench.schema import Option
 from objectives import ADVANTAGES
 from objectives.group_advantage import GroupAdvantage
 from samplers.rollout import Rollout
@@ -54,12 +54,14 @@ class TreeAdvantage(GroupAdvantage):
     `clip`, `std_eps` and `stat_tracking` are the group advantage's (all leaves of a prompt form its group).
     """
 
+    backs_up_trees = True  # edges shared by several leaves get their subtree's advantage
+    OPTIONS = {"alpha": Option(1.0, float, help="sibling weights softmax(alpha * logp_old); 0 = plain mean"),
+               "logp_reduce": Option("mean", str, choices=("mean", "sum"), help="log-densities for the weights")}
+
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__(cfg)
-        self.alpha = float(self.cfg.get("alpha", 1.0))
-        self.logp_reduce = str(self.cfg.get("logp_reduce", "mean"))
-        if self.logp_reduce not in ("mean", "sum"):
-            raise UnknownChoice("tree advantage logp_reduce", self.logp_reduce, ["mean", "sum"])
+        self.alpha = float(self.cfg["alpha"])
+        self.logp_reduce = str(self.cfg["logp_reduce"])
 
     def __call__(self, rollout: Rollout) -> torch.Tensor:
         adv = propagate_up(rollout, self.leaf_advantages(rollout), self.alpha, self.logp_reduce == "mean")

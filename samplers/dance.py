@@ -1,4 +1,5 @@
 """DanceGRPO's rollouts (Xue et al. 2025, arXiv 2505.07818)."""
+from bench.schema import Option
 from samplers import SAMPLERS
 from samplers.base import ChainSampler
 from samplers.kernels import DanceSDE
@@ -8,9 +9,12 @@ from samplers.kernels import DanceSDE
 class DanceSampler(ChainSampler):
     """DanceGRPO: Dance-SDE steps (eta 0.3), one initial noise per group, a random 60% of the steps trained per chain."""
 
+    # DanceGRPO's defaults for the ChainSampler options: one noise per group, 60% of the steps trained.
+    OPTIONS = {"eta": Option(0.3, float, low=0, low_open=True, help="Dance-SDE noise level"),
+               "shared_noise": Option(True, bool, help="the group shares its initial noise (init_same_noise)"),
+               "train_fraction": Option(0.6, float, low=0, low_open=True, high=1, help="DanceGRPO's timestep_fraction")}
     stochastic = True
 
     def __init__(self, cfg):
-        # DanceGRPO's defaults unless the config says otherwise; the ChainSampler options do the work.
-        super().__init__({"shared_noise": True, "train_fraction": 0.6, **dict(cfg)})
-        self.kernel = DanceSDE(self.cfg.get("eta", 0.3))
+        super().__init__(cfg)
+        self.kernel = DanceSDE(self.cfg["eta"])

@@ -1,4 +1,5 @@
 """Flow-GRPO's SDE rollouts (Liu et al. 2025, arXiv 2505.05470)."""
+from bench.schema import Option
 from samplers import SAMPLERS
 from samplers.base import ChainSampler
 from samplers.kernels import FlowSDE
@@ -8,8 +9,9 @@ from samplers.kernels import FlowSDE
 class FlowSDESampler(ChainSampler):
     """Flow-GRPO: SDE steps with noise level a (default 0.7), optionally only inside `sde_window`."""
 
+    OPTIONS = {"noise_level": Option(0.7, float, low=0, low_open=True, help="Flow-GRPO's noise level a")}
     stochastic = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.kernel = FlowSDE(self.cfg.get("noise_level", 0.7))
+        self.kernel = FlowSDE(self.cfg["noise_level"])

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from bench.families import FLOW, ModelFamily
 from bench.policy import Cond, index_cond
 
 ROOT, ODE, SDE = 0, 1, 2  # kind of the edge into a node
@@ -22,7 +23,7 @@ class Rollout:
     """
 
     x: torch.Tensor          # [N, *shape]
-    t: torch.Tensor          # [N] flow time of the node (1 = noise)
+    t: torch.Tensor          # [N] time of the node in the model family's convention (1 = noise)
     step: torch.Tensor       # [N] schedule index of the node
     parent: torch.Tensor     # [N] parent id, -1 for roots
     slot: torch.Tensor       # [N] prompt slot
@@ -39,6 +40,8 @@ class Rollout:
     guidance: float = 1.0
     reward: torch.Tensor | None = None           # [L]
     reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    scored: torch.Tensor | None = None           # [L, *shape] what the reward sees when not the leaves' x (x0_hat)
+    family: ModelFamily = FLOW                   # the policy's model family (flow matching or VP)
 
     @property
     def num_nodes(self) -> int:
@@ -51,6 +54,11 @@ class Rollout:
     @property
     def x0(self) -> torch.Tensor:
         return self.x[self.leaves]
+
+    @property
+    def reward_input(self) -> torch.Tensor:
+        """[L, *shape] the samples the reward scores: the leaves, or the sampler's `scored` stand-ins (x0_hat)."""
+        return self.x0 if self.scored is None else self.scored
 
     def node_cond(self, nodes: torch.Tensor) -> Cond:
         return index_cond(self.cond, self.slot[nodes])
@@ -85,8 +93,10 @@ class Rollout:
 class RolloutBuilder:
     """Appends nodes level by level into preallocated-free lists, then stacks them once."""
 
-    def __init__(self, schedule: torch.Tensor, prompts: list[str], cond: Cond, kernel: Any, guidance: float):
+    def __init__(self, schedule: torch.Tensor, prompts: list[str], cond: Cond, kernel: Any, guidance: float,
+                 family: ModelFamily = FLOW):
         self.schedule, self.prompts, self.cond, self.kernel, self.guidance = schedule, prompts, cond, kernel, guidance
+        self.family = family
         self._cols: dict[str, list[torch.Tensor]] = {k: [] for k in
                                                      ("x", "t", "step", "parent", "slot", "kind", "mean", "scale", "logp_old", "trained")}
         self.count = 0
@@ -113,7 +123,7 @@ class RolloutBuilder:
         c["trained"].append(tr.expand(b).clone() if tr.ndim == 0 else tr)
         return ids
 
-    def build(self, leaves: torch.Tensor) -> Rollout:
+    def build(self, leaves: torch.Tensor, scored: torch.Tensor | None = None) -> Rollout:
         cols = {k: torch.cat(v, 0) for k, v in self._cols.items()}
         return Rollout(**cols, leaves=leaves.to(cols["x"].device), schedule=self.schedule, prompts=self.prompts,
-                       cond=self.cond, kernel=self.kernel, guidance=self.guidance)
+                       cond=self.cond, kernel=self.kernel, guidance=self.guidance, scored=scored, family=self.family)

@@ -7,10 +7,11 @@ from bench.errors import UserError
 from bench.policy import index_cond
 from samplers import SAMPLERS
 from samplers.base import Sampler, randn, stochastic_step
-from samplers.kernels import sde_kernel
+from bench.schema import Option
+from samplers.kernels import KERNEL_OPTIONS, sde_kernel
 from samplers.rollout import ODE, SDE, RolloutBuilder
 from samplers.solvers import EulerSolver
-from samplers.window import WindowSchedule
+from samplers.window import WindowSchedule, window_options
 
 
 def tree_nfe(k: int, d: int, s: int, steps: int) -> int:
@@ -28,7 +29,14 @@ class TreeSampler(Sampler):
     size counts final samples and trees round it to whole roots.
     """
 
+    OPTIONS = {
+        **KERNEL_OPTIONS,
+        "branches": Option(3, int, low=1, help="k children per window node"),
+        "depth": Option(3, int, low=1, help="d SDE steps in the window"),
+        "window": Option({}, dict, fields=window_options("random")),
+    }
     stochastic = True
+    shares_prefixes = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -48,18 +56,20 @@ class TreeSampler(Sampler):
         device = next(model.policy.parameters()).device
         slot = torch.arange(len(prompts), device=device).repeat_interleave(self.roots(group_size))
         x = randn((len(slot), *shape), generator, device)
-        sched = self.schedule().to(device)
-        builder = RolloutBuilder(sched, prompts, cond, self.kernel, self.guidance)
+        family = model.policy.family  # the kernel and the ODE step convert the model's output through it
+        kernel = self.kernel.bind(family)
+        sched = self.schedule(family).to(device)
+        builder = RolloutBuilder(sched, prompts, cond, kernel, self.guidance, family)
         ids = builder.add(x, 0, slot)
         start = self.window.start(iteration, generator)
-        ode = EulerSolver()
+        ode = EulerSolver(family)
         cond_b = index_cond(cond, slot)
         for i in range(self.steps):
             b = len(slot)
             sigma, sigma_next = sched[i].expand(b), sched[i + 1].expand(b)
             v = model(x, sigma, cond_b)
             if start <= i < start + self.depth:
-                x, mu, s, logp = stochastic_step(self.kernel, x, v, sigma, sigma_next, sched, generator, self.k)
+                x, mu, s, logp = stochastic_step(kernel, x, v, sigma, sigma_next, sched, generator, self.k)
                 parent = ids.repeat_interleave(self.k)
                 slot = slot.repeat_interleave(self.k)
                 cond_b = index_cond(cond, slot)

@@ -17,6 +17,7 @@ from bench import store
 from bench.errors import UserError
 from bench.launchers import ParallelLauncher, available_cores, check_launcher
 from bench.config import compose_config
+from bench.resolve import resolve_cell
 from runner_helpers import (TWO_CELLS, attempts, comparable, digits_cache, metrics, results_dir,  # noqa: F401
                             run_runner, start_runner, status)
 
@@ -99,17 +100,17 @@ def test_slurm_launcher_with_submitit_local_executor(tmp_path: Path, digits_cach
 
 
 def test_parallel_threads_do_not_oversubscribe() -> None:
-    cfg = compose_config(["grid=smoke", "launcher=parallel", "launcher.workers=2"])
+    cfg = resolve_cell(compose_config(["grid=smoke", "launcher=parallel", "launcher.workers=2"]))
     launcher = ParallelLauncher(cfg)
     assert launcher.workers == 2 and launcher.workers * launcher.threads <= max(available_cores(), 2)
 
 
 @pytest.mark.parametrize("override,message", [
-    (["launcher=slurm", "launcher.nodes=2"], "one task on one node"),
+    (["launcher=slurm", "launcher.nodes=2"], r"launcher.nodes=2: out of range; valid: 1 <= integer <= 1"),
     (["launcher=slurm", "launcher.gpus_per_node=3"], "multiple of the 3 data-parallel processes"),
-    (["launcher=slurm", "launcher.cluster=pbs"], "must be slurm or local"),
-    (["launcher=parallel", "launcher.workers=0"], "positive integer"),
+    (["launcher=slurm", "launcher.cluster=pbs"], "launcher.cluster=pbs: unknown value; valid: slurm, local"),
+    (["launcher=parallel", "launcher.workers=0"], r"launcher.workers=0: out of range; valid: 1 <= integer"),
 ])
 def test_launcher_config_errors(override: list[str], message: str) -> None:
     with pytest.raises(UserError, match=message):
-        check_launcher(compose_config(["grid=smoke", *override]))
+        check_launcher(resolve_cell(compose_config(["grid=smoke", *override])))

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from bench import store
 from bench.errors import UserError
 from bench.meter import ComputeMeter
 from bench.policy import PolicyCall
@@ -135,7 +136,7 @@ def test_missing_model_path_gives_clear_error(tmp_path, monkeypatch):
         w = SD3World(tiny_world_config(variant="full", model_path=path), tmp_path)
         with pytest.raises(UserError, match=r"world.model_path=.*HF_HUB_OFFLINE=1.*stable-diffusion-3.5-medium"):
             w.build_policy()
-    with pytest.raises(UserError, match="world.variant='huge'; valid: full, tiny"):
+    with pytest.raises(UserError, match="world.variant=huge: unknown value; valid: full, tiny"):
         SD3World(tiny_world_config(variant="huge"), tmp_path)
 
 
@@ -163,7 +164,7 @@ def test_train_cell_on_tiny_sd3(tmp_path):
     assert "eval_reward" in rows[1] and rows[1]["grad_norm"] > 0
     # One optimizer step per batch (rollouts with CFG 1.5): the ratio the objective saw is exactly 1.
     assert rows[1]["ratio_min"] == rows[1]["ratio_max"] == 1.0
-    ckpt = torch.load(tmp_path / "cell" / "checkpoint.pt", weights_only=False)
+    ckpt = store.load_checkpoint(tmp_path / "cell")
     assert ckpt["params"] and all("lora_" in n for n in ckpt["params"])
     assert (tmp_path / "cell" / "samples" / "eval_0001.png").exists()
 

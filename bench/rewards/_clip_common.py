@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from bench.errors import UserError
 from bench.worlds.sd3_components import hf_dtype_kwargs
+from bench.worlds.sd3_tiny import tiny_clip_tokenizer
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -141,7 +142,6 @@ def tiny_clip(seed: int = 0, image_size: int = 32) -> tuple[Any, Any, ImagePrep]
     """A random CLIPModel of a few thousand parameters with an offline tokenizer (same classes as the real ones)."""
     from transformers import CLIPConfig, CLIPModel
 
-    from bench.worlds.sd3_tiny import tiny_clip_tokenizer
 
     tok = tiny_clip_tokenizer(max_length=16)
     text = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,

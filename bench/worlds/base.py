@@ -7,14 +7,42 @@ from typing import Any, Mapping
 import torch
 
 from bench.detectors import Detector
+from bench.errors import UserError
 from bench.meter import ComputeMeter
 from bench.policy import Cond, Policy, PolicyCall
 from bench.rewards.combine import WeightedReward
+from bench.schema import Configurable, Option
 
 
-class World:
+def check_device(device: str | None, key: str = "world.device") -> None:
+    """UserError if `device` names an accelerator this machine does not have (null: pick what is there)."""
+    if device is None or device == "cpu":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{key}={device}: not a device; valid: cpu, cuda, cuda:N, mps") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0 or (dev.index is not None and dev.index >= n):
+            raise UserError(f"{key}={device}: no such CUDA device here ({n} visible); valid: "
+                            f"{', '.join(['cpu'] + [f'cuda:{i}' for i in range(n)])}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{key}={device}: MPS is not available here; valid: cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{key}={device}: unsupported device type; valid: cpu, cuda, cuda:N, mps")
+
+
+class World(Configurable):
     """A policy model, its prompts, its rewards and its evaluation protocol."""
 
+    GROUP = "world"
+    OPTIONS = {
+        "device": Option(None, str, nullable=True, help="cpu | cuda | cuda:N; null: cuda if available, else cpu"),
+        "threads": Option(None, int, low=1, nullable=True, help="torch CPU threads; null: torch's default"),
+        "reward": Option("digit_judge", object, valid="a reward name or {name: weight}"),
+        "reward_options": Option({}, dict, help="per reward: its options"),
+    }
     name = "world"
     latent_shape: tuple[int, ...] = ()
     # The eval figures evaluate() returns (eval_* key -> what it measures); the report shows only these (and the
@@ -34,7 +62,7 @@ class World:
         return []
 
     def __init__(self, cfg: Mapping[str, Any], cache_dir: Path):
-        self.cfg = dict(cfg)
+        self.cfg = self.resolve_options(cfg)
         self.cache_dir = Path(cache_dir)
         self.device = torch.device(self.cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._reward: WeightedReward | None = None

@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import pickle
 import re
 from pathlib import Path
@@ -13,9 +12,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench import store
 from bench.detectors import Detector
 from bench.errors import UserError
+from bench.families import FLOW, ModelFamily
 from bench.policy import PolicyCall
+from bench.schema import Option
 from bench.worlds import WORLDS
 from bench.worlds.base import World
 from bench.worlds.digits_judges import fit_heldout_judge, fit_judge
@@ -46,18 +48,36 @@ def real_reference_values() -> dict[str, float]:
             "eval_nearest_real": d.min(1).values.mean().item() / 8.0}
 
 
-def atomic_save(obj, path: Path, saver=torch.save) -> None:
-    """Write to a temp file then rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    saver(obj, tmp)
-    os.replace(tmp, path)
+def _checked_state(model: torch.nn.Module, state: dict) -> dict:
+    """`state` if it fits `model` (a cache file of another architecture or a damaged one raises here)."""
+    model.load_state_dict(state)
+    return state
 
 
 @WORLDS.register("digits")
 class DigitsWorld(World):
     """Class-conditional generation of 8x8 digits; rewards and held-out detectors come from real-digit classifiers."""
 
+    OPTIONS = {
+        "device": Option("cpu", str, nullable=True, help="cpu | cuda | cuda:N"),
+        "threads": Option(1, int, low=1, nullable=True, help="the 64-dim MLP is overhead-bound: 1 thread"),
+        "shift": Option(1.0, float, low=0, low_open=True),
+        "pretrain": Option({}, dict, fields={
+            "steps": Option(50, int, low=0, help="rectified-flow pretraining steps"),
+            "seed": Option(0, int),
+            "lr": Option(1e-3, float, low=0, low_open=True),
+            "batch": Option(256, int, low=1),
+            "label_noise": Option(0.0, float, low=0, high=1, help="fraction of labels randomised"),
+            "label_dropout": Option(0.1, float, low=0, high=1, help="CFG's unconditional training fraction"),
+            "hidden": Option(256, int, low=1),
+            "depth": Option(3, int, low=1),
+        }),
+        "eval": Option({}, dict, fields={
+            "samples_per_class": Option(20, int, low=2, help="eval samples per digit on fixed noise"),
+            "steps": Option(10, int, low=1, help="eval ODE steps, no CFG"),
+            "noise_seed": Option(1234, int),
+        }),
+    }
     name = "digits"
     latent_shape = (64,)
     EVAL_METRICS = {
@@ -88,7 +108,6 @@ class DigitsWorld(World):
                 Detector("eval_accuracy", "gap", "the reward judge accepts what the held-out judge rejects",
                          rise=0.15, partner="eval_heldout_accuracy")]
 
-
     def __init__(self, cfg, cache_dir):
         super().__init__(cfg, cache_dir)
         self.real_x, self.real_y = load_real_digits()
@@ -118,16 +137,20 @@ class DigitsWorld(World):
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
         return self.cache_dir / f"digits_{kind}_{key}.pt"
 
+    def model_family(self) -> ModelFamily:
+        """What the policy predicts: a flow velocity here (digits_vp: a VP model's eps)."""
+        return FLOW
+
     def build_policy(self):
+        family = self.model_family()
         spec = {"version": 1, **dict(self.cfg.get("pretrain", {}))}
+        if family is not FLOW:  # the flow model keeps its cache key
+            spec["family"] = family.spec()
         path = self._cache_path("base", spec)
-        model = DigitsFlowMLP(int(spec.get("hidden", 256)), int(spec.get("depth", 3)))
-        if path.exists():
-            model.load_state_dict(torch.load(path, map_location="cpu"))
-        else:
-            trained = pretrain(self.real_x, self.real_y, spec)
-            atomic_save(trained.state_dict(), path)
-            model.load_state_dict(trained.state_dict())
+        model = DigitsFlowMLP(int(spec.get("hidden", 256)), int(spec.get("depth", 3)), family=family)
+        state = store.cached(path, lambda p: _checked_state(model, torch.load(p, map_location="cpu", weights_only=True)),
+                             lambda: pretrain(self.real_x, self.real_y, spec, family).state_dict(), torch.save)
+        model.load_state_dict(state)
         return model.to(self.device).eval()
 
     # -- judges and rewards ----------------------------------------------------------------
@@ -135,14 +158,11 @@ class DigitsWorld(World):
     def judges(self):
         if self._judges is None:
             path = self._cache_path("judges", {"version": 1})
-            if path.exists():
-                with open(path, "rb") as f:
-                    self._judges = pickle.load(f)
-            else:
-                x, y = self.real_x.numpy(), self.real_y.numpy()
-                a, b = self.split_judge.numpy(), self.split_heldout.numpy()
-                self._judges = (fit_judge(x[a], y[a]), fit_heldout_judge(x[b], y[b]))
-                atomic_save(self._judges, path, lambda o, p: p.write_bytes(pickle.dumps(o)))
+            x, y = self.real_x.numpy(), self.real_y.numpy()
+            a, b = self.split_judge.numpy(), self.split_heldout.numpy()
+            self._judges = store.cached(path, lambda p: pickle.loads(p.read_bytes()),
+                                        lambda: (fit_judge(x[a], y[a]), fit_heldout_judge(x[b], y[b])),
+                                        lambda o, p: p.write_bytes(pickle.dumps(o)))
         return self._judges
 
     def decode(self, x0):
@@ -163,8 +183,10 @@ class DigitsWorld(World):
         labels = torch.arange(10).repeat_interleave(per_class)
         sampler = ODESampler({"steps": int(ecfg.get("steps", 10)), "shift": float(self.cfg.get("shift", 1.0))})
         gen = torch.Generator().manual_seed(int(ecfg.get("noise_seed", 1234)))
+        # The protocol is CFG-free whatever the training guidance (DDPO trains with CFG 5): same scale for every cell.
+        call = PolicyCall(model.policy, model.meter, guidance=1.0, params=model.params, detach_uncond=model.detach_uncond)
         with torch.no_grad():
-            rollout = sampler.sample(model, prompts, self.encode(prompts), 1, self.latent_shape, gen)
+            rollout = sampler.sample(call, prompts, self.encode(prompts), 1, self.latent_shape, gen)
             x0 = rollout.x0.float()
             images = self.decode(x0)
             reward, _ = self.reward_fn(images, prompts)

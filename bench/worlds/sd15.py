@@ -34,6 +34,7 @@ class SD15World(SD3World):
         "sde_kernel": Option("ddim", str, choices=("ddim",),
                              help="the SDE kernel tree and mix samplers default to here (experiments/sampler/)"),
     }
+    CPU_OVERRIDES = ("world.variant=tiny",)  # what the registry contract test needs to build it on a CPU
     name = "sd15"
     family_name = "vp"
 

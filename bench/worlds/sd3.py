@@ -13,6 +13,7 @@ from bench.errors import UserError
 from bench.policy import PolicyCall
 from bench.prompts import PromptSet, train_eval_split
 from bench.rewards.combine import WeightedReward
+from bench.schema import Option
 from bench.worlds import WORLDS
 from bench.worlds.base import World
 from bench.worlds.sd3_components import (load_components, load_transformer, load_transformer_config, parse_dtype,
@@ -36,6 +37,41 @@ class SD3World(World):
     clip, words, resolution, `vae: identity` for a pixel-space flow); the shapes world is built that way.
     """
 
+    _DTYPES = ("float32", "bfloat16", "float16")
+    OPTIONS = {
+        "variant": Option("full", str, choices=("full", "tiny")),
+        "model_path": Option("stabilityai/stable-diffusion-3.5-medium", str,
+                             help="a diffusers folder, or a hub id already in the hub cache"),
+        "tiny_seed": Option(0, int, help="tiny variant: seed of the random components"),
+        "tiny": Option(None, dict, nullable=True, help="tiny variant: sizes of its parts (sd3_tiny.tiny_spec)"),
+        "dtype": Option("bfloat16", str, choices=_DTYPES, help="transformer weights (LoRA: lora.dtype)"),
+        "text_dtype": Option("bfloat16", str, choices=_DTYPES),
+        "vae_dtype": Option("float32", str, choices=_DTYPES),
+        "t5": Option(True, bool, help="false: zeros in T5's slot"),
+        "max_sequence_length": Option(256, int, low=1, help="T5 tokens"),
+        "embed_cache_device": Option(None, str, nullable=True),
+        "resolution": Option(512, int, low=16, help="pixels"),
+        "shift": Option(3.0, float, low=0, low_open=True, help="SD3's timestep shift"),
+        "gradient_checkpointing": Option(False, bool),
+        "decode_batch": Option(8, int, low=1),
+        "lora": Option({}, dict, fields={
+            "r": Option(32, int, low=1), "alpha": Option(64.0, float, low=0, low_open=True),
+            "targets": Option(None, list, nullable=True, item=Option("", str),
+                              help="module names or a named set; null: the default set"),
+            "dtype": Option("float32", str, choices=_DTYPES), "seed": Option(0, int, nullable=True)}),
+        "prompts": Option({}, dict, fields={
+            "train": Option("simple_objects.txt", str, help=".txt or .jsonl under experiments/prompts/ or a path"),
+            "eval": Option(None, str, nullable=True),
+            "eval_fraction": Option(0.1, float, low=0, high=1, high_open=True),
+            "split_seed": Option(0, int), "eval_max": Option(64, int, low=1)}),
+        "reward": Option("jpeg", object, valid="a reward name or {name: weight}"),
+        "eval": Option({}, dict, fields={
+            "num_prompts": Option(16, int, low=1), "samples_per_prompt": Option(2, int, low=1),
+            "steps": Option(20, int, low=1), "guidance": Option(4.5, float, low=0),
+            "noise_seed": Option(1234, int), "batch_size": Option(8, int, low=1), "grid_max": Option(16, int, low=1),
+            "reward": Option(None, object, nullable=True, valid="null or a reward spec")}),
+    }
+    CPU_OVERRIDES = ("world.variant=tiny",)  # what the registry contract test needs to build it on a CPU
     name = "sd3"
 
     def __init__(self, cfg, cache_dir):
@@ -74,6 +110,7 @@ class SD3World(World):
         """Before any cell runs: the full variant's weights must be found locally (UserError saying what to give)."""
         if str(cfg.get("variant", "full")) == "full":
             resolve_model_path(cfg.get("model_path"))
+        train_eval_split(cfg.get("prompts") or {})  # the prompt files exist and hold prompts
 
     # -- components ------------------------------------------------------------------------
     @property

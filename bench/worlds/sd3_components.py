@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import torch
 
 from bench.errors import UserError
+from bench.worlds.sd3_tiny import build_tiny_components, build_tiny_transformer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -83,7 +84,6 @@ def load_components(cfg: Mapping[str, Any], device: torch.device, with_transform
     text_dtype = parse_dtype(cfg.get("text_dtype", cfg.get("dtype", "bfloat16")), "world.text_dtype")
     vae_dtype = parse_dtype(cfg.get("vae_dtype", "float32"), "world.vae_dtype")
     if variant == "tiny":
-        from bench.worlds.sd3_tiny import build_tiny_components
 
         comps = build_tiny_components(int(cfg.get("tiny_seed", 0)), cfg.get("tiny"))
         if not with_transformer:
@@ -136,7 +136,6 @@ def load_transformer(cfg: Mapping[str, Any]) -> Any:
     """A fresh SD3Transformer2DModel (base weights, no adapter) in world.dtype."""
     dtype = parse_dtype(cfg.get("dtype", "bfloat16"), "world.dtype")
     if str(cfg.get("variant", "full")) == "tiny":
-        from bench.worlds.sd3_tiny import build_tiny_transformer
 
         model = build_tiny_transformer(int(cfg.get("tiny_seed", 0)), cfg.get("tiny"))
         return model if model.dtype == dtype else model.to(dtype)
