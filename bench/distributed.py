@@ -216,21 +216,20 @@ def any_rank(flag: bool) -> bool:
 
 
 def sync_rank_checkpoint(cell_dir: Path) -> None:
-    """A rank whose private checkpoints are missing or from another iteration than rank 0's newest starts from a
-    copy of rank 0's (its random stream is then rank 0's until the streams are reseeded). A no-op in one process."""
+    """A rank whose private checkpoints are not rank 0's (other iterations, or missing) takes copies of all of rank
+    0's, so that when rank 0 falls back from a corrupt newest checkpoint the others fall back to the same iteration
+    (its random stream is then rank 0's until the streams are reseeded). A no-op in one process."""
     if not active():
         return
-    newest = store.checkpoint_paths(cell_dir)[:1] if is_main() else []
-    main_name = broadcast_object(newest[0].name if newest else None)
+    main_names = broadcast_object([p.name for p in store.checkpoint_paths(cell_dir)] if is_main() else None)
     if is_main():
         return
     mine = rank_cell_dir(cell_dir)
     mine.mkdir(parents=True, exist_ok=True)
-    have = [p.name for p in store.checkpoint_paths(mine)]
-    if have[:1] == ([main_name] if main_name else []):
+    if [p.name for p in store.checkpoint_paths(mine)] == main_names:
         return
     for p in store.checkpoint_paths(mine):
         p.unlink()
     (mine / store.METRICS_FILE).unlink(missing_ok=True)
-    if main_name is not None:
-        shutil.copyfile(Path(cell_dir) / main_name, mine / main_name)
+    for name in main_names:
+        shutil.copyfile(Path(cell_dir) / name, mine / name)

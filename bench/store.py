@@ -27,7 +27,7 @@ T = TypeVar("T")
 # The layout of results/<grid>/ (file names, metrics.jsonl rows, status values). Bump it when a change would make
 # an older runner or report misread a folder; folders without a VERSION file were written by the foundation
 # runner, whose layout is format 1.
-RESULTS_FORMAT = 1
+RESULTS_FORMAT = 2  # 2: cells carry identity.json (their config hash); checkpoints are safetensors
 
 
 # A full disk (or quota) is no fault of a cell: the run stops with one line (DiskFull, exit code 3 in bench.run)
