@@ -1,9 +1,9 @@
 """`python -m bench.run grid=NAME [overrides]`: expand a grid, train every cell, write summary, plots, report.
 
 Every cell's config is resolved and checked against the declared schemas before anything is written; a cell is
-identified by the hash of what it computes (bench/resolve.py), so a rerun reuses finished cells of the same config,
+identified by the hash of what it computes (bench/runner/resolve.py), so a rerun reuses finished cells of the same config,
 resumes unfinished ones, and refuses (one line, exit 2, nothing written) to mix cells of another config into a
-results folder. Cells run where `launcher=` says (local, parallel, slurm: bench/launchers.py), each under its lock.
+results folder. Cells run where `launcher=` says (local, parallel, slurm: bench/runner/launchers.py), each under its lock.
 `--help` lists grids, groups and axes; `--cfg job` (or `--dry-run`) prints the cells and what would run.
 """
 from __future__ import annotations
@@ -14,19 +14,19 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from bench import distributed, store
-from bench.cli_help import help_text
-from bench.components import plain, validate_cell
-from bench.config import split_override
-from bench.errors import UserError
-from bench.fidelity import run_fidelity
-from bench.execute import FINAL, Task, read_base_metrics, read_identity, run_cell  # noqa: F401 (public: bench.run.run_cell)
-from bench.grid import Cell, expand_grid, mark_invalid, unused_keys
-from bench.launchers import build_launcher, check_launcher, drive
-from bench.loggers import check_logger
-from bench.report import write_report
-from bench.resolve import config_diff, identity
-from bench.summary import build_summary, read_manifest, write_manifest, write_summary
+from bench.runner import distributed, store
+from bench.runner.cli_help import help_text
+from bench.runner.components import plain, validate_cell
+from bench.runner.config import split_override
+from bench.core.errors import UserError
+from bench.reporting.fidelity import run_fidelity
+from bench.runner.execute import FINAL, Task, read_base_metrics, read_identity, run_cell  # noqa: F401 (public: bench.run.run_cell)
+from bench.runner.grid import Cell, expand_grid, mark_invalid, unused_keys
+from bench.runner.launchers import build_launcher, check_launcher, drive
+from bench.runner.loggers import check_logger
+from bench.reporting.report import write_report
+from bench.runner.resolve import config_diff, identity
+from bench.reporting.summary import build_summary, read_manifest, write_manifest, write_summary
 
 DRY_FLAGS = ("--cfg", "--dry-run", "-c")
 
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped = [c for c in cells if c.skip_reason is not None]
     every = with_earlier(cells, earlier)
     tasks = [Task("base", valid[0]), *(Task("cell", c) for c in valid)]
-    if distributed.active():  # every rank trains each cell together; rank 0 writes (bench/distributed.py)
+    if distributed.active():  # every rank trains each cell together; rank 0 writes (bench/runner/distributed.py)
         if distributed.is_main():
             print(f"data-parallel over {distributed.world_size()} processes; rank 0 writes {grid_dir}", flush=True)
             write_grid_meta(grid_name, base, every, grid_dir)
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; rerun the same command to resume from the cells' checkpoints ({grid_dir})", file=sys.stderr)
         return 130
-    except (store.DiskFull, OSError) as e:  # every cell stays resumable (bench/store.py); nothing to report
+    except (store.DiskFull, OSError) as e:  # every cell stays resumable (bench/runner/store.py); nothing to report
         full = store.disk_full(e, grid_dir)
         if full is None:
             raise

@@ -1,4 +1,4 @@
 """Likelihood estimators over a Rollout (DESIGN section 6); each file registers one."""
-from bench.registry import Registry
+from bench.core.registry import Registry
 
 ESTIMATORS: Registry = Registry("estimator", "estimators")

@@ -6,8 +6,8 @@ from typing import Any, Mapping
 
 import torch
 
-from bench.policy import Cond, PolicyCall
-from bench.schema import Configurable, Option
+from bench.core.policy import Cond, PolicyCall
+from bench.core.schema import Configurable, Option
 from samplers.rollout import Rollout
 
 

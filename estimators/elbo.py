@@ -5,10 +5,10 @@ import math
 
 import torch
 
-from bench.errors import UserError
-from bench.families import FLOW, ModelFamily
-from bench.policy import index_cond
-from bench.schema import Option
+from bench.core.errors import UserError
+from bench.core.families import FLOW, ModelFamily
+from bench.core.policy import index_cond
+from bench.core.schema import Option
 from estimators import ESTIMATORS
 from estimators.base import Estimate, Estimator
 from samplers.base import randn

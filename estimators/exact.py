@@ -7,8 +7,8 @@ from typing import Callable
 import torch
 from torch.func import jvp, vmap
 
-from bench.policy import Cond
-from bench.schema import Option
+from bench.core.policy import Cond
+from bench.core.schema import Option
 from estimators import ESTIMATORS
 from estimators.base import Estimate, Estimator
 

@@ -1,7 +1,7 @@
 """Advantage Weighted Matching (AWM, arXiv 2509.25050)."""
 from __future__ import annotations
 
-from bench.schema import Option
+from bench.core.schema import Option
 from objectives import OBJECTIVES
 from objectives.base import Objective
 from objectives.matching import MATCHING_WEIGHTINGS, matching_error, per_unit

@@ -5,8 +5,8 @@ from typing import Any, Mapping
 
 import torch
 
-from bench.policy import PolicyCall
-from bench.schema import Configurable
+from bench.core.policy import PolicyCall
+from bench.core.schema import Configurable
 from estimators.base import Estimate
 
 

@@ -6,8 +6,8 @@ from typing import Any, Mapping
 
 import torch
 
-from bench.errors import UserError
-from bench.schema import Configurable, Option
+from bench.core.errors import UserError
+from bench.core.schema import Configurable, Option
 from objectives import ADVANTAGES
 from samplers.rollout import Rollout
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.errors import UnknownChoice, UserError
-from bench.policy import PolicyCall
+from bench.core.errors import UnknownChoice, UserError
+from bench.core.policy import PolicyCall
 from estimators.base import Estimate
 from samplers.rollout import SDE, Rollout
 

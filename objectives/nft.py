@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.schema import Option
+from bench.core.schema import Option
 from objectives import OBJECTIVES
 from objectives.base import Objective, old_velocity
 from objectives.matching import matching_error, per_unit

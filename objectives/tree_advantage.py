@@ -5,7 +5,7 @@ from typing import Any, Mapping
 
 import torch
 
-from bench.schema import Option
+from bench.core.schema import Option
 from objectives import ADVANTAGES
 from objectives.group_advantage import GroupAdvantage
 from samplers.rollout import Rollout

@@ -1,4 +1,4 @@
 """Rollout schemes: each file registers one sampler that produces a Rollout (DESIGN section 5)."""
-from bench.registry import Registry
+from bench.core.registry import Registry
 
 SAMPLERS: Registry = Registry("sampler", "samplers")

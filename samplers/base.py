@@ -5,9 +5,9 @@ from typing import Any, Mapping
 
 import torch
 
-from bench.families import FLOW, ModelFamily
-from bench.policy import Cond, PolicyCall, index_cond
-from bench.schema import Configurable, Option
+from bench.core.families import FLOW, ModelFamily
+from bench.core.policy import Cond, PolicyCall, index_cond
+from bench.core.schema import Configurable, Option
 from samplers.kernels import EulerODE, transition_logp
 from samplers.rollout import ODE, SDE, Rollout, RolloutBuilder
 from samplers.schedule import TIME_GRIDS, time_grid

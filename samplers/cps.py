@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.schema import Option
+from bench.core.schema import Option
 from samplers import SAMPLERS
 from samplers.base import ChainSampler
 from samplers.kernels import CPSSDE

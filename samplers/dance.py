@@ -1,5 +1,5 @@
 """DanceGRPO's rollouts (Xue et al. 2025, arXiv 2505.07818)."""
-from bench.schema import Option
+from bench.core.schema import Option
 from samplers import SAMPLERS
 from samplers.base import ChainSampler
 from samplers.kernels import DanceSDE

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from bench.families import FLOW
-from bench.schema import Option
+from bench.core.families import FLOW
+from bench.core.schema import Option
 from samplers import SAMPLERS
 from samplers.base import ChainSampler
 from samplers.ddim_kernel import DDIMKernel

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.families import FLOW, ModelFamily, _bcast
+from bench.core.families import FLOW, ModelFamily, _bcast
 
 
 class DDIMKernel:

@@ -1,5 +1,5 @@
 """Flow-GRPO's SDE rollouts (Liu et al. 2025, arXiv 2505.05470)."""
-from bench.schema import Option
+from bench.core.schema import Option
 from samplers import SAMPLERS
 from samplers.base import ChainSampler
 from samplers.kernels import FlowSDE

@@ -5,9 +5,9 @@ import math
 
 import torch
 
-from bench.errors import UnknownChoice
-from bench.families import FLOW, ModelFamily, require_flow
-from bench.schema import Option
+from bench.core.errors import UnknownChoice
+from bench.core.families import FLOW, ModelFamily, require_flow
+from bench.core.schema import Option
 from samplers.ddim_kernel import DDIMKernel
 
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from bench.errors import UserError
-from bench.families import FLOW
+from bench.core.errors import UserError
+from bench.core.families import FLOW
 from samplers import SAMPLERS
 from samplers.base import ChainSampler
-from bench.schema import Option
+from bench.core.schema import Option
 from samplers.kernels import KERNEL_OPTIONS, sde_kernel
 from samplers.schedule import shift_time
 from samplers.solvers import ODE_SOLVERS, EulerSolver, ODESolver, ode_solver

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from bench.families import FLOW, ModelFamily
-from bench.policy import Cond, index_cond
+from bench.core.families import FLOW, ModelFamily
+from bench.core.policy import Cond, index_cond
 
 ROOT, ODE, SDE = 0, 1, 2  # kind of the edge into a node
 

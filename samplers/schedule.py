@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.errors import UnknownChoice
+from bench.core.errors import UnknownChoice
 
 TIME_GRIDS = ("linspace", "scheduler")
 NUM_TRAIN_TIMESTEPS = 1000  # SD3's scheduler config; its smallest training sigma is 1 / 1000 before the shift

@@ -10,9 +10,9 @@ import math
 
 import torch
 
-from bench.errors import UnknownChoice
-from bench.families import FLOW, ModelFamily, require_flow
-from bench.policy import Cond, PolicyCall
+from bench.core.errors import UnknownChoice
+from bench.core.families import FLOW, ModelFamily, require_flow
+from bench.core.policy import Cond, PolicyCall
 
 
 class ODESolver:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from bench.errors import UserError
-from bench.policy import index_cond
+from bench.core.errors import UserError
+from bench.core.policy import index_cond
 from samplers import SAMPLERS
 from samplers.base import Sampler, randn, stochastic_step
-from bench.schema import Option
+from bench.core.schema import Option
 from samplers.kernels import KERNEL_OPTIONS, sde_kernel
 from samplers.rollout import ODE, SDE, RolloutBuilder
 from samplers.solvers import EulerSolver

@@ -5,8 +5,8 @@ from typing import Any, Mapping
 
 import torch
 
-from bench.errors import UnknownChoice, UserError
-from bench.schema import Option
+from bench.core.errors import UnknownChoice, UserError
+from bench.core.schema import Option
 
 WINDOW_SCHEDULES = ("fixed", "random", "progressive")
 

@@ -21,6 +21,6 @@ def tiny_policy():
 
 @pytest.fixture
 def meter():
-    from bench.meter import ComputeMeter
+    from bench.core.meter import ComputeMeter
 
     return ComputeMeter()

@@ -1,7 +1,7 @@
 """Shared helpers for the runner tests (launchers, crash safety, reports, bad input): tiny grids in tmp folders
 that share one digits cache, and the CLI run in a subprocess where a test needs a real process (kills, exit codes).
 
-Timing columns (bench.train.TIMING_KEYS: wall/device seconds, device-hours, peak memory) are measurements and
+Timing columns (bench.training.train.TIMING_KEYS: wall/device seconds, device-hours, peak memory) are measurements and
 differ between any two runs; "equal row for row" below means the same iterations and every other column equal.
 """
 from __future__ import annotations
@@ -27,9 +27,9 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
-from bench import store
-from bench.locks import proc_stat
-from bench.train import TIMING_KEYS
+from bench.runner import store
+from bench.runner.locks import proc_stat
+from bench.training.train import TIMING_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,8 +42,8 @@ TWO_CELLS = ["grid=smoke", "sampler=flow_sde", "budget.iterations=3", "eval.ever
 @pytest.fixture(scope="session")
 def digits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The digits world's pretrained model and judges, built once per session and shared by every results folder."""
-    from bench.components import build_world
-    from bench.config import compose_config
+    from bench.runner.components import build_world
+    from bench.runner.config import compose_config
 
     root = tmp_path_factory.mktemp("shared-results")
     world = build_world(compose_config(["grid=smoke", f"results_dir={root}"]))
@@ -144,7 +144,7 @@ def survivors(procs: set[tuple[int, int]], wait_s: float = 10.0) -> set[tuple[in
 # Runners started as children of a fork server that has already imported the bench: each one starts in a fraction
 # of a second instead of paying Python's imports again (torch, torch._dynamo for the optimizer, matplotlib), and
 # each is a real process that can be SIGKILLed.
-_PRELOAD = ["runner_helpers", "bench.run", "bench.plots", "bench.report_html", "torch.optim", "torch._dynamo",
+_PRELOAD = ["runner_helpers", "bench.run", "bench.reporting.plots", "bench.reporting.report_html", "torch.optim", "torch._dynamo",
             "sklearn.neural_network", "sklearn.svm"]
 # The registries import every module of these packages on first use; the children should not each do it.
 _REGISTRY_PACKAGES = ["samplers", "estimators", "objectives", "bench.worlds", "bench.rewards"]

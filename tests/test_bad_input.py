@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import store
+from bench.runner import store
 from bench.run import main
 from runner_helpers import ONE_CELL, digits_cache, finished_grid, snapshot  # noqa: F401
 
@@ -106,7 +106,7 @@ BAD_INPUTS = [
     (["world=no_such"], "unknown world 'no_such'"),
     (["method=no_such"], "unknown method 'no_such'"),
     (["sampler=no_such_module:Sampler"], "cannot import module 'no_such_module'"),
-    (["sampler=bench.errors:NoSuchClass"], "has no 'NoSuchClass'"),
+    (["sampler=bench.core.errors:NoSuchClass"], "has no 'NoSuchClass'"),
     (["estimator=elbo,"], "empty value in sweep"),
     (["launcher=nowhere"], "unknown launcher 'nowhere'"),
     (["launcher=parallel", "launcher.workers=0"], "launcher.workers=0"),
@@ -200,7 +200,7 @@ def test_results_of_another_format_are_refused(capsys: pytest.CaptureFixture, tm
     err = one_line_error(capsys, [*ONE_CELL, f"results_dir={res}", "budget.iterations=4"])
     assert "results format 99" in err and "9.0.0" in err and f"results format {store.RESULTS_FORMAT}" in err
     assert snapshot(res) == before
-    from bench.report import main as report_main
+    from bench.reporting.report import main as report_main
 
     assert report_main([str(res / "smoke")]) == 2
     assert "results format 99" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """Defaults live in one place: a component's YAML file under experiments/ sets only values that differ from the
-defaults its code declares (bench/schema.py), and only keys the code declares."""
+defaults its code declares (bench/core/schema.py), and only keys the code declares."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import yaml
 
-from bench.config import CONFIG_DIR
-from bench.launcher_options import LAUNCHER_OPTIONS
-from bench.loggers import LOGGER_OPTIONS
-from bench.resolve import COMPONENTS
-from bench.schema import Option
+from bench.runner.config import CONFIG_DIR
+from bench.runner.launcher_options import LAUNCHER_OPTIONS
+from bench.runner.loggers import LOGGER_OPTIONS
+from bench.runner.resolve import COMPONENTS
+from bench.core.schema import Option
 
 
 def options_of(group: str, name: str) -> dict[str, Option]:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.config import compose_config
-from bench.errors import UserError
-from bench.meter import ComputeMeter
-from bench.policy import PolicyCall
-from bench.resolve import resolve_cell
-from bench.components import build_world, incompatibility
+from bench.runner.config import compose_config
+from bench.core.errors import UserError
+from bench.core.meter import ComputeMeter
+from bench.core.policy import PolicyCall
+from bench.runner.resolve import resolve_cell
+from bench.runner.components import build_world, incompatibility
 from bench.rewards import REWARDS
-from bench.schema import Option
+from bench.core.schema import Option
 from bench.worlds import WORLDS
 from bench.worlds.digits_model import DigitsFlowMLP
 from estimators import ESTIMATORS

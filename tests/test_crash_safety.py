@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import store
-from bench.locks import CellLock, LockOwner, read_owner, stale_reason
+from bench.runner import store
+from bench.runner.locks import CellLock, LockOwner, read_owner, stale_reason
 from runner_helpers import (ONE_CELL, TWO_CELLS, attempts, comparable, digits_cache, metrics, popen,  # noqa: F401
                             process_tree, results_dir, run_runner, start_runner, status, survivors)
 

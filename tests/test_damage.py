@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench import store
-from bench.statefile import CorruptStateFile, load_state, save_state
+from bench.runner import store
+from bench.runner.statefile import CorruptStateFile, load_state, save_state
 from runner_helpers import (ONE_CELL, REPO, comparable, digits_cache, finished_grid, metrics, results_dir,  # noqa: F401
                             run_runner, status)
 
@@ -165,8 +165,8 @@ def test_corrupt_checkpoint_is_named_and_the_previous_one_resumed(tmp_path: Path
 
 def test_corrupt_cache_files_are_named_and_rebuilt(tmp_path: Path, digits_cache: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
-    from bench.components import build_world
-    from bench.config import compose_config
+    from bench.runner.components import build_world
+    from bench.runner.config import compose_config
 
     cache = tmp_path / "results" / "cache"
     shutil.copytree(digits_cache, cache)

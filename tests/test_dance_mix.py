@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from bench.config import compose_config
-from bench.errors import UserError
-from bench.meter import ComputeMeter
-from bench.policy import PolicyCall
-from bench.train import minibatch_indices
+from bench.runner.config import compose_config
+from bench.core.errors import UserError
+from bench.core.meter import ComputeMeter
+from bench.core.policy import PolicyCall
+from bench.training.train import minibatch_indices
 from bench.worlds.digits_model import DigitsFlowMLP
 from objectives.group_advantage import GroupAdvantage, PromptStatTracker
 from samplers.dance import DanceSampler

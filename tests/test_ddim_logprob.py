@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from bench.families import VariancePreserving, vp_alphas_cumprod
-from bench.meter import ComputeMeter
-from bench.policy import PolicyCall
+from bench.core.families import VariancePreserving, vp_alphas_cumprod
+from bench.core.meter import ComputeMeter
+from bench.core.policy import PolicyCall
 from bench.worlds.digits_model import DigitsFlowMLP
 from estimators import ESTIMATORS
 from samplers import SAMPLERS

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from bench.errors import UserError
-from bench.policy import PolicyCall
+from bench.core.errors import UserError
+from bench.core.policy import PolicyCall
 from estimators import ESTIMATORS
 from samplers import SAMPLERS
 from samplers.kernels import CPSSDE

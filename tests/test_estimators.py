@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from bench.policy import PolicyCall
+from bench.core.policy import PolicyCall
 from estimators import ESTIMATORS
 from samplers import SAMPLERS
 

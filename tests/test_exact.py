@@ -7,8 +7,8 @@ import math
 import torch
 from omegaconf import OmegaConf
 
-from bench.config import CONFIG_DIR
-from bench.policy import Policy, PolicyCall
+from bench.runner.config import CONFIG_DIR
+from bench.core.policy import Policy, PolicyCall
 from estimators import ESTIMATORS
 from estimators.exact import cnf_log_likelihood
 from runner_helpers import digits_cache, results_dir  # noqa: F401 (session fixture: one digits cache)
@@ -83,8 +83,8 @@ def test_hutchinson_is_unbiased_and_noisy(meter):
 
 
 def test_configured_grid_is_converged_on_digits(tmp_path, digits_cache, meter):
-    from bench.components import build_world
-    from bench.config import compose_config
+    from bench.runner.components import build_world
+    from bench.runner.config import compose_config
 
     cfg = compose_config([f"results_dir={results_dir(tmp_path, digits_cache)}", "estimator=exact"])
     exact_cfg = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "estimator" / "exact.yaml"))

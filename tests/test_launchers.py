@@ -13,11 +13,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench import store
-from bench.errors import UserError
-from bench.launchers import ParallelLauncher, available_cores, check_launcher
-from bench.config import compose_config
-from bench.resolve import resolve_cell
+from bench.runner import store
+from bench.core.errors import UserError
+from bench.runner.launchers import ParallelLauncher, available_cores, check_launcher
+from bench.runner.config import compose_config
+from bench.runner.resolve import resolve_cell
 from runner_helpers import (TWO_CELLS, attempts, comparable, digits_cache, metrics, results_dir,  # noqa: F401
                             run_runner, start_runner, status)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.config import compose_config
-from bench.errors import UserError
-from bench.loggers import check_logger, logger_name
+from bench.runner.config import compose_config
+from bench.core.errors import UserError
+from bench.runner.loggers import check_logger, logger_name
 from bench.run import main
 from runner_helpers import ONE_CELL, digits_cache, metrics, results_dir, run_runner  # noqa: F401
 

@@ -52,7 +52,7 @@ def test_group_normalisation_by_hand():
 
 
 def test_group_advantage_clips_and_copies_to_chain_nodes(tiny_policy, meter):
-    from bench.policy import PolicyCall
+    from bench.core.policy import PolicyCall
     from samplers import SAMPLERS
 
     with meter.phase("rollout"), torch.no_grad():

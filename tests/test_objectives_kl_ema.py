@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.ema import ema_decay, ema_update
-from bench.policy import PolicyCall
+from bench.training.ema import ema_decay, ema_update
+from bench.core.policy import PolicyCall
 from estimators import ESTIMATORS
 from objectives.kl import kl_penalty
 from runner_helpers import digits_cache, results_dir  # noqa: F401 (session fixture: one digits cache)
@@ -59,7 +59,7 @@ def test_transition_kl_is_the_gaussian_kl_of_the_means(tiny_policy, meter):
 
 
 def test_transition_kl_refuses_final_sample_units(tiny_policy, meter):
-    from bench.errors import UserError
+    from bench.core.errors import UserError
 
     model = PolicyCall(tiny_policy, meter)
     with meter.phase("rollout"), torch.no_grad():
@@ -91,10 +91,10 @@ def test_ema_update_closed_form():
 
 
 def test_training_loop_applies_the_scheduled_decay(tmp_path, digits_cache):
-    from bench.components import build_world
-    from bench.config import compose_config
-    from bench.store import load_checkpoint
-    from bench.train import train_cell
+    from bench.runner.components import build_world
+    from bench.runner.config import compose_config
+    from bench.runner.store import load_checkpoint
+    from bench.training.train import train_cell
 
     res = results_dir(tmp_path, digits_cache)
     cfg = compose_config(["estimator=elbo", "sampler=ode", "objective=nft", f"results_dir={res}",

@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from bench.ema import ema_decay
-from bench.meter import ComputeMeter
-from bench.policy import Policy, PolicyCall
+from bench.training.ema import ema_decay
+from bench.core.meter import ComputeMeter
+from bench.core.policy import Policy, PolicyCall
 from estimators.base import Estimate
 from estimators.elbo import ELBOEstimator
 from objectives.filtering import drop_zero_advantage
@@ -222,7 +222,7 @@ def _elbo_setup(cfg, guidance=1.0, seed=7):
     rollout = SimpleNamespace(leaves=leaves, x=x0, schedule=scheduler_schedule(10, 3.0).double(), guidance=guidance,
                               node_cond=lambda units: torch.zeros(len(units)), family=None)
     est = ELBOEstimator({"J": 4, "timesteps": "uniform", **cfg})
-    from bench.families import FLOW
+    from bench.core.families import FLOW
     rollout.family = FLOW
     units = est.units(rollout)
     draws = est.prepare(rollout, units, torch.Generator().manual_seed(seed))
@@ -427,8 +427,8 @@ def test_sampling_with_the_old_policy_rolls_out_with_the_ema_weights(tmp_path, m
     """NVlabs/DiffusionNFT scripts/train_nft_sd3.py@24af555 and the ELBO repo src/utils/base.py@c257000 switch to
     the "old" adapter (the EMA) before sampling: from the second iteration on, the rollout's weights are the EMA's
     decay-weighted mix, not the current ones."""
-    from bench.config import compose_config
-    from bench.train import train_cell
+    from bench.runner.config import compose_config
+    from bench.training.train import train_cell
     from samplers.base import ChainSampler
 
     seen: list = []

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import store
-from bench.report import main as report_main
-from bench.report_html import find_chromium, markdown_to_html, render_png
-from bench.stats import (bootstrap_ci, compute_to_threshold, iqm, pareto_front, probability_of_improvement,
+from bench.runner import store
+from bench.reporting.report import main as report_main
+from bench.reporting.report_html import find_chromium, markdown_to_html, render_png
+from bench.reporting.stats import (bootstrap_ci, compute_to_threshold, iqm, pareto_front, probability_of_improvement,
                          stratified_bootstrap_ci)
 from runner_helpers import digits_cache, finished_grid, results_dir, run_runner, snapshot  # noqa: F401
 

@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from bench import store
-from bench.collapse import fell_from_peak, seed_signs
-from bench.grid import Cell
-from bench.report import main as report_main
-from bench.report import render_report
-from bench.report_sections import sensitivity_section
-from bench.summary import refresh_summary, write_manifest
+from bench.runner import store
+from bench.reporting.collapse import fell_from_peak, seed_signs
+from bench.runner.grid import Cell
+from bench.reporting.report import main as report_main
+from bench.reporting.report import render_report
+from bench.reporting.report_sections import sensitivity_section
+from bench.reporting.summary import refresh_summary, write_manifest
 from bench.worlds import WORLDS
 from bench.worlds.digits import DigitsWorld
 

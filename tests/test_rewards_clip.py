@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.errors import UserError
+from bench.core.errors import UserError
 from bench.rewards import REWARDS
 from bench.rewards._clip_common import ImagePrep, tiny_clip
 from bench.rewards.aesthetic import Aesthetic, load_head

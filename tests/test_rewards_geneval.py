@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bench.errors import UserError
+from bench.core.errors import UserError
 from bench.rewards.geneval import GenEval, TransformersDetector, relative_position, tiny_detector
 
 META = {

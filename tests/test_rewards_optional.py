@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.errors import UserError
+from bench.core.errors import UserError
 from bench.rewards._clip_common import OPENAI_MEAN, OPENAI_STD, ImagePrep
 
 WORLD = SimpleNamespace(device=torch.device("cpu"))

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.execute import read_identity
-from bench.grid import expand_grid
-from bench.resolve import cell_hash, identity
+from bench.runner.execute import read_identity
+from bench.runner.grid import expand_grid
+from bench.runner.resolve import cell_hash, identity
 from bench.run import main
 from runner_helpers import ONE_CELL, TWO_CELLS, digits_cache, finished_grid, results_dir, snapshot  # noqa: F401
 
@@ -112,7 +112,7 @@ def test_divergence_is_a_result(capsys: pytest.CaptureFixture, digits_cache: Pat
 
 PLUGIN = textwrap.dedent('''
     """A user's sampler outside the package: Euler ODE with half-size steps at the end (a test plugin)."""
-    from bench.schema import Option
+    from bench.core.schema import Option
     from samplers.ode import ODESampler
 
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import torch
 
-from bench.policy import PolicyCall
+from bench.core.policy import PolicyCall
 from samplers import SAMPLERS
 from samplers.kernels import FlowSDE
 from samplers.rollout import ODE, ROOT, SDE

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.meter import ComputeMeter
-from bench.policy import PolicyCall
+from bench.core.meter import ComputeMeter
+from bench.core.policy import PolicyCall
 from bench.worlds.sd15 import SD15World
 from bench.worlds.sd15_tiny import TINY15
 from samplers import SAMPLERS

@@ -1,4 +1,4 @@
-"""bench.distributed on two CPU processes (gloo): averaged LoRA gradients, global compute counts, prompt shards."""
+"""bench.runner.distributed on two CPU processes (gloo): averaged LoRA gradients, global compute counts, prompt shards."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from bench import distributed, store
-from bench.policy import Policy
+from bench.runner import distributed, store
+from bench.core.policy import Policy
 
 
 class _Lin(Policy):

@@ -1,7 +1,7 @@
 """The GPU grids for SD3.5 compose with the papers' settings, and the CPU smoke grid selects the tiny sd3 world."""
 from __future__ import annotations
 
-from bench.grid import expand_grid, mark_invalid
+from bench.runner.grid import expand_grid, mark_invalid
 
 
 def _valid(grid: str, overrides: list[str] | None = None):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.meter import ComputeMeter
-from bench.policy import PolicyCall
+from bench.core.meter import ComputeMeter
+from bench.core.policy import PolicyCall
 from bench.worlds.sd3 import SD3World
 from bench.worlds.sd3_tiny import TINY, tiny_world_config
 from samplers.ode import ODESampler

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from bench.errors import UserError
-from bench.prompts import PROMPTS_DIR, load_prompts, train_eval_split
+from bench.core.errors import UserError
+from bench.worlds.prompts import PROMPTS_DIR, load_prompts, train_eval_split
 
 
 def test_txt_skips_blank_lines_and_comments(tmp_path):

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from bench import store
-from bench.errors import UserError
-from bench.meter import ComputeMeter
-from bench.policy import PolicyCall
+from bench.runner import store
+from bench.core.errors import UserError
+from bench.core.meter import ComputeMeter
+from bench.core.policy import PolicyCall
 from bench.worlds.sd3 import SD3World
 from bench.worlds.sd3_tiny import tiny_world_config
 from estimators.elbo import ELBOEstimator
@@ -152,8 +152,8 @@ def test_run_stops_before_any_cell_without_weights(tmp_path, monkeypatch, capsys
 
 
 def test_train_cell_on_tiny_sd3(tmp_path):
-    from bench.config import compose_config
-    from bench.train import train_cell
+    from bench.runner.config import compose_config
+    from bench.training.train import train_cell
 
     cfg = compose_config(["grid=sd3_smoke", f"results_dir={tmp_path}", "sampler=flow_sde", "estimator=stepwise",
                           "budget.iterations=1", "eval.every=1", "world.reward=jpeg", "train.minibatches=1"])

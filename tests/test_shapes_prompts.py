@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from bench.errors import UserError
-from bench.prompts import PROMPTS_DIR, load_prompts
+from bench.core.errors import UserError
+from bench.worlds.prompts import PROMPTS_DIR, load_prompts
 from bench.rewards.geneval_mini import check_requirements, scene_detections
 from bench.worlds.shapes_prompts import TASKS, build_prompts, parse_prompt, prompt_file_text, scene_for, split_prompts
 from bench.worlds.shapes_scene import CELL, RESOLUTION, render

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.errors import UserError
+from bench.core.errors import UserError
 from bench.rewards.geneval_mini import (GenEvalMini, check_requirements, classify_shape, detect, scene_detections,
                                         strict_and_partial)
 from bench.worlds.shapes_prompts import TASKS, build_prompts, parse_prompt, scene_for

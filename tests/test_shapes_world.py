@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench.components import build_world
-from bench.config import compose_config
-from bench.errors import UserError
+from bench.runner.components import build_world
+from bench.runner.config import compose_config
+from bench.core.errors import UserError
 from bench.rewards.geneval_mini import check_requirements, scene_detections
 from bench.worlds.sd3_policy import SD3Policy
 from bench.worlds.shapes import ShapesWorld, reference_values
@@ -98,8 +98,8 @@ def test_geneval_mini_smoke_grid(tmp_path):
                    "and draws blocky patches, not clean shapes (docs/shapes.md, 'Status')")
 def test_base_is_fluent_but_misaligned(world):
     """The shipped base: GenEval-mini between 0.2 and 0.5, single objects high, counting/position/attribution low."""
-    from bench.meter import ComputeMeter
-    from bench.policy import PolicyCall
+    from bench.core.meter import ComputeMeter
+    from bench.core.policy import PolicyCall
 
     full = ShapesWorld({}, world.cache_dir)
     meter = ComputeMeter()

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 
 from bench import run
-from bench.spread import factor_spread, spread_section
+from bench.reporting.spread import factor_spread, spread_section
 from runner_helpers import digits_cache, results_dir  # noqa: F401 (session fixture: one digits cache)
 
 

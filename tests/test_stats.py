@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from bench.spread import factor_spread
-from bench.stats import (censored_time, curve_envelope, interval_coverage, learning_curve_auc, mean_ci,
+from bench.reporting.spread import factor_spread
+from bench.reporting.stats import (censored_time, curve_envelope, interval_coverage, learning_curve_auc, mean_ci,
                          paired_ratio_ci, ratio_ci)
 
 

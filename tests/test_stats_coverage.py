@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.stats import bootstrap_ci, mean_ci, paired_ratio_ci
+from bench.reporting.stats import bootstrap_ci, mean_ci, paired_ratio_ci
 
 TRIALS = 400
 

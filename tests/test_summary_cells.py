@@ -8,9 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from bench import store
-from bench.grid import Cell
-from bench.summary import build_summary, cell_state, read_manifest, write_manifest
+from bench.runner import store
+from bench.runner.grid import Cell
+from bench.reporting.summary import build_summary, cell_state, read_manifest, write_manifest
 
 
 def cell(name: str, est: str, seed: int = 0) -> Cell:

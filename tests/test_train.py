@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from bench import run
-from bench.store import read_metrics, read_status
-from bench.train import TIMING_KEYS
+from bench.runner.store import read_metrics, read_status
+from bench.training.train import TIMING_KEYS
 
 
 def _run(tmp_path, *overrides):

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from bench.config import compose_config
-from bench.meter import ComputeMeter
-from bench.policy import PolicyCall
+from bench.runner.config import compose_config
+from bench.core.meter import ComputeMeter
+from bench.core.policy import PolicyCall
 from bench.worlds.digits_model import DigitsFlowMLP
 from objectives.grpo_clip import GRPOClip
 from objectives.tree_advantage import TreeAdvantage
@@ -124,7 +124,7 @@ def test_training_on_tree_one_forward_per_parent_and_ratio_one(tmp_path, monkeyp
                           "train.prompts_per_iter=2", "train.group_size=27", "train.minibatches=2",
                           "sampler.window.schedule=fixed", "sampler.window.start=2",
                           "world.eval.samples_per_class=2"])
-    from bench.train import train_cell
+    from bench.training.train import train_cell
 
     train_cell(cfg, tmp_path / "cell")
     row = [json.loads(line) for line in (tmp_path / "cell" / "metrics.jsonl").read_text().splitlines()][1]

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from bench import perf
-from bench.report import cost_per_iteration, cost_section, fewer_verdict
+from bench.reporting.report import cost_per_iteration, cost_section, fewer_verdict
 
 
 def test_cost_per_iteration_from_last_eval_row():

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from bench.errors import UserError
+from bench.core.errors import UserError
 from bench.worlds.sd3_components import hf_dtype_kwargs
 from bench.worlds.sd3_tiny import tiny_clip_tokenizer
 

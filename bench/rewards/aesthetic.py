@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.errors import UserError
+from bench.core.errors import UserError
 from bench.rewards import REWARDS
 from bench.rewards._clip_common import clip_embeddings, load_clip, require_path, reward_device
 from bench.worlds.sd3_components import parse_dtype

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.errors import UserError
+from bench.core.errors import UserError
 from bench.rewards import REWARDS
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.errors import UserError
+from bench.core.errors import UserError
 from bench.rewards import REWARDS
 from bench.rewards._clip_common import (clip_embeddings, clip_text_embeddings, load_clip, optional_import, require_path,
                                         reward_device)

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from bench.errors import UserError
+from bench.core.errors import UserError
 from bench.rewards import REWARDS
 from bench.rewards.geneval import relative_position
-from bench.schema import Configurable, Option
+from bench.core.schema import Configurable, Option
 from bench.worlds.shapes_prompts import parse_prompt
 from bench.worlds.shapes_scene import PALETTE, Obj
 

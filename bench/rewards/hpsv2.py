@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.errors import UserError
+from bench.core.errors import UserError
 from bench.rewards import REWARDS
 from bench.rewards._clip_common import OPENAI_MEAN, OPENAI_STD, ImagePrep, optional_import, require_path, reward_device
 

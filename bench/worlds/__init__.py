@@ -1,4 +1,4 @@
 """Worlds: a policy model + prompt set + rewards + eval protocol (DESIGN section 11)."""
-from bench.registry import Registry
+from bench.core.registry import Registry
 
 WORLDS: Registry = Registry("world", "bench.worlds")

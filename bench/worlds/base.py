@@ -6,12 +6,12 @@ from typing import Any, Mapping
 
 import torch
 
-from bench.detectors import Detector
-from bench.errors import UserError
-from bench.meter import ComputeMeter
-from bench.policy import Cond, Policy, PolicyCall
+from bench.worlds.detectors import Detector
+from bench.core.errors import UserError
+from bench.core.meter import ComputeMeter
+from bench.core.policy import Cond, Policy, PolicyCall
 from bench.rewards.combine import WeightedReward
-from bench.schema import Configurable, Option
+from bench.core.schema import Configurable, Option
 
 
 def check_device(device: str | None, key: str = "world.device") -> None:
@@ -57,7 +57,7 @@ class World(Configurable):
 
     @classmethod
     def detectors(cls) -> list[Detector]:
-        """The world's collapse / reward-hacking detectors (bench/detectors.py); none by default, and then the
+        """The world's collapse / reward-hacking detectors (bench/worlds/detectors.py); none by default, and then the
         report gives no hacking verdict either way."""
         return []
 

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench import store
-from bench.detectors import Detector
-from bench.errors import UserError
-from bench.families import FLOW, ModelFamily
-from bench.policy import PolicyCall
-from bench.schema import Option
+from bench.runner import store
+from bench.worlds.detectors import Detector
+from bench.core.errors import UserError
+from bench.core.families import FLOW, ModelFamily
+from bench.core.policy import PolicyCall
+from bench.core.schema import Option
 from bench.worlds import WORLDS
 from bench.worlds.base import World
 from bench.worlds.digits_judges import fit_heldout_judge, fit_judge

@@ -7,8 +7,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from bench.families import FLOW, ModelFamily
-from bench.policy import Policy
+from bench.core.families import FLOW, ModelFamily
+from bench.core.policy import Policy
 
 NULL_CLASS = 10  # the label used for the unconditional branch of classifier-free guidance
 

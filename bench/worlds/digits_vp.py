@@ -1,8 +1,8 @@
 """The digits world with a VP epsilon-prediction model (DDPM, Ho et al. 2020): DDPO's setting in miniature."""
 from __future__ import annotations
 
-from bench.families import BETA_SCHEDULES, PREDICTIONS, SPACINGS, VariancePreserving
-from bench.schema import Option
+from bench.core.families import BETA_SCHEDULES, PREDICTIONS, SPACINGS, VariancePreserving
+from bench.core.schema import Option
 from bench.worlds import WORLDS
 from bench.worlds.digits import DigitsWorld
 

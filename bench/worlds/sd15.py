@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.schema import Option
+from bench.core.schema import Option
 from bench.worlds import WORLDS
 from bench.worlds.base import World
 from bench.worlds.sd15_policy import SD15Policy, SD15PromptEncoder, scheduler_family

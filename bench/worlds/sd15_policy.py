@@ -6,8 +6,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from bench.families import VariancePreserving
-from bench.policy import Cond
+from bench.core.families import VariancePreserving
+from bench.core.policy import Cond
 from bench.worlds.sd3_policy import SD3Policy
 from bench.worlds.sd3_text import SD3PromptEncoder
 

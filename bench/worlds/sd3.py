@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.errors import UserError
-from bench.policy import PolicyCall
-from bench.prompts import PromptSet, train_eval_split
+from bench.core.errors import UserError
+from bench.core.policy import PolicyCall
+from bench.worlds.prompts import PromptSet, train_eval_split
 from bench.rewards.combine import WeightedReward
-from bench.schema import Option
+from bench.core.schema import Option
 from bench.worlds import WORLDS
 from bench.worlds.base import World
 from bench.worlds.sd3_components import (load_components, load_transformer, load_transformer_config, parse_dtype,

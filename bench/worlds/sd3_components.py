@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import torch
 
-from bench.errors import UserError
+from bench.core.errors import UserError
 from bench.worlds.sd3_tiny import build_tiny_components, build_tiny_transformer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -7,8 +7,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from bench.errors import UserError
-from bench.policy import Cond, Policy
+from bench.core.errors import UserError
+from bench.core.policy import Cond, Policy
 
 # Named LoRA target sets, usable as items of world.lora.targets beside plain module-name suffixes.
 LORA_TARGET_SETS = {
@@ -69,7 +69,7 @@ class SD3Policy(Policy):
 
     `cond` is {"prompt_embeds": [B, L, D], "pooled_prompt_embeds": [B, P]}; `null` holds the empty prompt's
     embeddings ([1, L, D], [1, P]) for classifier-free guidance. Old, EMA and reference policies are LoRA parameter
-    dicts swapped in by torch.func.functional_call (bench.policy.PolicyCall); LoRA starts at B = 0, so the snapshot
+    dicts swapped in by torch.func.functional_call (bench.core.policy.PolicyCall); LoRA starts at B = 0, so the snapshot
     taken before the first update is the adapters-disabled base model (the reference policy).
     """
 

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from bench.detectors import Detector
-from bench.errors import UserError
-from bench.policy import PolicyCall
+from bench.worlds.detectors import Detector
+from bench.core.errors import UserError
+from bench.core.policy import PolicyCall
 from bench.rewards.geneval_mini import GenEvalMini, check_requirements, strict_and_partial
-from bench.schema import Option
+from bench.core.schema import Option
 from bench.worlds import WORLDS
 from bench.worlds.sd3 import SD3World
 from bench.worlds.shapes_judge import ShapesJudge, judge_detections, load_judge

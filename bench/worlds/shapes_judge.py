@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.errors import UserError
+from bench.core.errors import UserError
 from bench.rewards.geneval_mini import Detection
 from bench.worlds.shapes_model import WEIGHTS_DIR, config_hash
 from bench.worlds.shapes_scene import CELL, COLORS, GRID, SHAPES, Obj, random_obj, render_batch

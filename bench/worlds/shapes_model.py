@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from bench.errors import UserError
+from bench.core.errors import UserError
 from bench.worlds.sd3_text import SD3PromptEncoder
 from bench.worlds.sd3_tiny import build_tiny_components, build_tiny_transformer
 from bench.worlds.shapes_prompts import TASKS, VOCABULARY, build_prompts, scene_for

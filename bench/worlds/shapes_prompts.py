@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from bench.errors import UserError
+from bench.core.errors import UserError
 from bench.worlds.shapes_scene import COLORS, GRID, PLURALS, SHAPES, Obj, random_obj
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -160,7 +160,7 @@ def scene_for(meta: Mapping[str, Any], rng: np.random.Generator, faithful: bool 
 
 
 if __name__ == "__main__":
-    from bench.prompts import PROMPTS_DIR
+    from bench.worlds.prompts import PROMPTS_DIR
 
     for name in ("train", "eval"):
         (PROMPTS_DIR / f"shapes_{name}.jsonl").write_text(prompt_file_text(name))

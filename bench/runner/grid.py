@@ -1,0 +1,157 @@
+"""Grid expansion: axes x seeds -> cells, each a resolved config, with invalid combinations skipped."""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from bench.runner.config import GROUPS, check_group_choice, compose_config, split_override
+from bench.core.errors import UserError
+from bench.runner.resolve import cell_hash, resolve_cell
+from bench.runner.components import incompatibility
+
+BASE_CELL = "base"
+
+
+@dataclass
+class Cell:
+    """One training run: a point on the grid's axes and a seed."""
+
+    name: str                      # folder name, e.g. elbo-ode-epg-seed0
+    method: str                    # the cell name without its seed: the unit of comparison
+    seed: int
+    axes: dict[str, Any]           # axis -> value
+    overrides: list[str]
+    cfg: DictConfig | None = None
+    skip_reason: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)  # sampler/estimator/objective names
+    hash: str = ""                 # of its resolved config minus non-semantic keys (bench.runner.resolve.cell_hash)
+    inapplicable: dict[str, list[str]] = field(default_factory=dict)  # keys of other group members, left out
+
+
+def _label(axis: str, value: Any) -> str:
+    text = str(value) if axis in GROUPS else f"{axis.split('.')[-1]}={value}"
+    return re.sub(r"[^A-Za-z0-9_.=]+", "_", text)
+
+
+def split_sweeps(user_overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Hydra's sweep syntax on the command line: `key=a,b` becomes an axis with values [a, b] (a list or mapping
+    value in brackets or braces is one value, not a sweep)."""
+    rest, sweeps = [], {}
+    for item in user_overrides:
+        key, value = split_override(item)
+        if key.startswith("hydra.") or key == "hydra":
+            raise UserError(f"{key}={value}: hydra.* settings do not apply (cells are composed with Hydra's compose "
+                            "API, not @hydra.main); valid: results_dir=, launcher=, logger= and the config keys")
+        if "," in value and not value.strip().startswith(("[", "{", "'", '"')) and not item.startswith(("+", "~")):
+            values = [v.strip() for v in value.split(",")]
+            if any(not v for v in values):
+                raise UserError(f"{key}={value}: empty value in sweep; valid: {key}=a,b,...")
+            sweeps[key] = values
+        else:
+            rest.append(item)
+    return rest, sweeps
+
+
+def check_seeds(seeds: list) -> list[int]:
+    """The grid's seeds as integers: at least one, no repeats."""
+    try:
+        out = [int(s) for s in seeds]
+    except (TypeError, ValueError):
+        raise UserError(f"grid.seeds={list(seeds)}: not integers; valid: a non-empty list of distinct integers") from None
+    if not out:
+        raise UserError("grid.seeds=[]: empty; valid: a non-empty list of distinct integers")
+    if len(set(out)) != len(out):
+        raise UserError(f"grid.seeds={out}: repeated seed; valid: a non-empty list of distinct integers")
+    return out
+
+
+def expand_grid(grid_name: str, user_overrides: list[str]) -> tuple[DictConfig, list[Cell]]:
+    """Compose `grid=<name>` with the user's overrides and expand its axes x seeds (a command-line sweep
+    `key=a,b` adds or replaces an axis)."""
+    check_group_choice("grid", grid_name)
+    user_overrides, sweeps = split_sweeps(user_overrides)
+    for key, values in sweeps.items():
+        for v in values:
+            check_group_choice(key, v)
+    base = compose_config([f"grid={grid_name}", *user_overrides, *(f"{k}={v[0]}" for k, v in sweeps.items())])
+    if "grid" not in base or base.grid is None:
+        raise UserError(f"grid '{grid_name}' defines no 'grid:' section")
+    axes: dict[str, list] = {str(k): list(v) for k, v in (base.grid.get("axes") or {}).items()}
+    axes.update(sweeps)
+    known_top = set(base.keys()) | set(GROUPS)
+    for axis, values in axes.items():
+        if axis.split(".")[0] not in known_top:
+            raise UserError(f"grid '{grid_name}' has unknown axis '{axis}'; valid: {', '.join(sorted(known_top - {'grid'}))} "
+                            "or a dotted key inside them")
+        if not values:
+            raise UserError(f"grid '{grid_name}' axis '{axis}' has no values")
+        for v in values:
+            if axis in GROUPS:
+                check_group_choice(axis, str(v))
+    # An override of an axis on the command line restricts that axis to the given value.
+    rest = []
+    for item in user_overrides:
+        key, value = split_override(item)
+        if key in axes:
+            axes[key] = [value]
+        else:
+            rest.append(item)
+    # A method preset chosen on the command line fixes its own components: a grid axis over them would put the
+    # preset's knobs on other components. Naming the axis as well (method=tree_grpo estimator=elbo) still crosses.
+    chosen = {split_override(o)[0] for o in user_overrides}
+    if "method" in chosen and "method" not in axes:
+        for group in ("sampler", "estimator", "objective", "advantage"):
+            if group not in chosen:
+                axes.pop(group, None)
+    seeds = check_seeds(list(base.grid.get("seeds") if base.grid.get("seeds") is not None else [base.seed]))
+    seed_override = [v for k, v in map(split_override, user_overrides) if k == "seed"]
+    if seed_override:
+        try:
+            seeds = [int(seed_override[-1])]
+        except ValueError:
+            raise UserError(f"seed={seed_override[-1]}: not an integer; valid: an integer") from None
+    if "seed" in axes:
+        raise UserError("seed: is not an axis; valid: grid.seeds=[...] for several seeds")
+    cells = []
+    for combo in itertools.product(*axes.values()):
+        point = dict(zip(axes.keys(), combo))
+        method = "-".join(_label(a, v) for a, v in point.items()) or "default"
+        for seed in seeds:
+            overrides = [f"grid={grid_name}", *rest, *(f"{a}={v}" for a, v in point.items()), f"seed={seed}"]
+            dropped: dict[str, list[str]] = {}
+            cfg = resolve_cell(compose_config(overrides), dropped)
+            cells.append(Cell(f"{method}-seed{seed}", method, seed, point, overrides, cfg, hash=cell_hash(cfg),
+                              inapplicable=dropped,
+                              labels={**{g: str(cfg[g].name) for g in ("sampler", "estimator", "objective") if g in cfg},
+                                      # the method/ recipe, even when chosen outside the axes
+                                      **({"preset": str(cfg.preset)} if cfg.get("preset") else {})}))
+    # Where and how cells run is the same for every cell: the base config carries the checked sections.
+    OmegaConf.set_struct(base, False)
+    for section in ("launcher", "logger", "train", "budget", "lock"):
+        base[section] = cells[0].cfg[section] if cells else base.get(section)
+    return base, cells
+
+
+def unused_keys(cells: list[Cell]) -> dict[str, list[str]]:
+    """Keys set for a group (e.g. estimator.J) that no cell of this run uses: key -> the members that declare it."""
+    if not cells:
+        return {}
+    common = set(cells[0].inapplicable)
+    for cell in cells[1:]:
+        common &= set(cell.inapplicable)
+    return {k: cells[0].inapplicable[k] for k in sorted(common)}
+
+
+def mark_invalid(cells: list[Cell]) -> None:
+    """Fill skip_reason for combinations that cannot work (e.g. stepwise on an ODE sampler)."""
+
+    for cell in cells:
+        cell.skip_reason = incompatibility(cell.cfg)
+
+
+def resolved_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,1 @@
+"""One cell's training: the loop and its EMA weights."""
