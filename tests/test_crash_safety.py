@@ -26,6 +26,7 @@ HEADLINE = ["grid=elbo_vs_stepwise", "grid.seeds=[0]", "budget.nfe=null", "budge
 PARALLEL = ["launcher=parallel", "launcher.workers=2", "launcher.threads_per_worker=1"]
 
 
+@pytest.mark.slow  # CI runs it (python -m pytest -m slow); the default suite stays under 5 min
 def test_sigkill_anywhere_resumes_to_identical_metrics(tmp_path: Path, digits_cache: Path) -> None:
     # 6 iterations; evals at 2, 4, 6 and checkpoints at 2, 3, 4, 6, so some kills land between checkpoints.
     args = [*ONE_CELL, "budget.iterations=6", "eval.every=2", "checkpoint.every=3"]
@@ -66,6 +67,7 @@ def test_sigkill_anywhere_resumes_to_identical_metrics(tmp_path: Path, digits_ca
     assert all("not running" in r["took_over"] or "zombie" in r["took_over"] for r in runs[1:] if r["took_over"])
 
 
+@pytest.mark.slow  # CI runs it (python -m pytest -m slow); the default suite stays under 5 min
 def test_random_sigkills_resume_to_identical_metrics(tmp_path: Path, digits_cache: Path) -> None:
     """Kills at random moments, several in a row, on the two-estimator grid (stepwise and elbo)."""
     args = [*TWO_CELLS, "budget.iterations=4", "eval.every=2", "checkpoint.every=3"]
@@ -212,6 +214,7 @@ def kill_and_rerun(tmp_path: Path, digits_cache: Path, kills: int, rng: random.R
             "processes_seen": seen_procs, "orphans": orphans}
 
 
+@pytest.mark.slow  # CI runs it (python -m pytest -m slow); the default suite stays under 5 min
 def test_three_kills_of_the_headline_grid(tmp_path: Path, digits_cache: Path) -> None:
     seed = random.randrange(2**32)
     print(f"random kill moments from seed {seed}")
@@ -226,6 +229,7 @@ def test_twenty_kills_of_the_headline_grid(tmp_path: Path, digits_cache: Path) -
     print(kill_and_rerun(tmp_path, digits_cache, 20, random.Random(seed)))
 
 
+@pytest.mark.slow  # CI runs it (python -m pytest -m slow); the default suite stays under 5 min
 def test_killed_parallel_runner_takes_its_workers_along(tmp_path: Path, digits_cache: Path) -> None:
     """The issue's case: kill -9 of a launcher=parallel runner left its workers running, taking queued cells."""
     res = results_dir(tmp_path, digits_cache)

@@ -86,9 +86,11 @@ def test_configured_grid_is_converged_on_digits(tmp_path, digits_cache, meter):
     from bench.runner.components import build_world
     from bench.runner.config import compose_config
 
-    cfg = compose_config([f"results_dir={results_dir(tmp_path, digits_cache)}", "estimator=exact"])
-    exact_cfg = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "estimator" / "exact.yaml"))
-    assert cfg.estimator.steps == exact_cfg["steps"]
+    from bench.runner.resolve import resolve_cell
+
+    cfg = resolve_cell(compose_config([f"results_dir={results_dir(tmp_path, digits_cache)}", "estimator=exact"]))
+    exact_cfg = cfg.estimator  # the configured estimator: its declared defaults plus exact.yaml's overrides
+    assert cfg.estimator.steps == ESTIMATORS.get("exact").options()["steps"].default
     world = build_world(cfg)
     model = PolicyCall(world.build_policy(), meter)
     prompts = ["a handwritten 3", "a handwritten 8", "the digit 0", "the digit 7"]

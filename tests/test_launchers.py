@@ -44,6 +44,7 @@ def assert_same_results(grid: Path, reference: Path) -> None:
     pd.testing.assert_frame_equal(a, b)
 
 
+@pytest.mark.slow  # CI runs it (python -m pytest -m slow); the default suite stays under 5 min
 def test_two_runners_on_one_grid_run_each_cell_once(tmp_path: Path, digits_cache: Path) -> None:
     # The full smoke grid: three valid cells (and one skipped); both runners start at the same moment.
     res = results_dir(tmp_path, digits_cache)
@@ -67,6 +68,7 @@ def test_two_runners_on_one_grid_run_each_cell_once(tmp_path: Path, digits_cache
     assert set(df[df.status == "done"].cell) == {"base", *(c.name for c in cells)}
 
 
+@pytest.mark.slow  # CI runs it (python -m pytest -m slow); the default suite stays under 5 min
 def test_parallel_launcher_matches_local(tmp_path: Path, digits_cache: Path, local_run: Path) -> None:
     res = results_dir(tmp_path, digits_cache)
     assert run_runner([*GRID, "launcher=parallel", "launcher.workers=2", f"results_dir={res}"]) == 0
@@ -74,6 +76,7 @@ def test_parallel_launcher_matches_local(tmp_path: Path, digits_cache: Path, loc
     assert len({attempts(res / "smoke" / c)[0]["pid"] for c in CELLS}) == 2, "each cell ran in its own worker"
 
 
+@pytest.mark.slow  # CI runs it (python -m pytest -m slow); the default suite stays under 5 min
 def test_slurm_launcher_with_submitit_local_executor(tmp_path: Path, digits_cache: Path, local_run: Path) -> None:
     """Two cells, each a job of submitit's local executor; one is preempted (SIGUSR2, as Slurm signals a job
     before its time limit) in the middle of training, requeued, and resumes from its checkpoint."""

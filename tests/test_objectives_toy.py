@@ -13,7 +13,9 @@ LOGP, OLD, ADV = [-1.0, -2.0], [-1.5, -1.0], [2.0, -1.0]
 
 def _logp_grad(name: str, **cfg) -> torch.Tensor:
     logp = torch.tensor(LOGP, requires_grad=True)
-    loss, _ = OBJECTIVES.get(name)(cfg).loss(logp, torch.tensor(OLD), torch.tensor(ADV))
+    cls = OBJECTIVES.get(name)
+    options = {k: v for k, v in cfg.items() if k in cls.options()}  # clip_range only where the objective has one
+    loss, _ = cls(options).loss(logp, torch.tensor(OLD), torch.tensor(ADV))
     loss.backward()
     return logp.grad
 

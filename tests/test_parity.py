@@ -423,6 +423,7 @@ def test_grid_draws_without_replacement_are_a_permutation_prefix(per_draw):
         _elbo_setup({"J": 11, "timesteps": "grid", "grid_draws": "without_replacement"})
 
 
+@pytest.mark.slow  # CI runs it (python -m pytest -m slow); the default suite stays under 5 min
 def test_sampling_with_the_old_policy_rolls_out_with_the_ema_weights(tmp_path, monkeypatch):
     """NVlabs/DiffusionNFT scripts/train_nft_sd3.py@24af555 and the ELBO repo src/utils/base.py@c257000 switch to
     the "old" adapter (the EMA) before sampling: from the second iteration on, the rollout's weights are the EMA's

@@ -123,7 +123,8 @@ PLUGIN = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize("launcher", ["local", "parallel", "slurm"])
+@pytest.mark.parametrize("launcher", ["local", pytest.param("parallel", marks=pytest.mark.slow),
+                                      pytest.param("slurm", marks=pytest.mark.slow)])
 def test_plugin_from_a_module_outside_the_package(launcher: str, capsys: pytest.CaptureFixture, digits_cache: Path,
                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "my_lab").mkdir()

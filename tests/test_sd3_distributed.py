@@ -1,6 +1,8 @@
 """bench.runner.distributed on two CPU processes (gloo): averaged LoRA gradients, global compute counts, prompt shards."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import socket
@@ -100,6 +102,7 @@ def test_single_process_is_a_no_op():
     assert type(distributed.make_meter("cpu")).__name__ == "ComputeMeter"
 
 
+@pytest.mark.slow  # CI runs it (python -m pytest -m slow); the default suite stays under 5 min
 def test_torchrun_two_ranks_train_one_sd3_cell(tmp_path):
     """`torchrun --nproc_per_node 2 -m bench.run grid=sd3_smoke ...` (what accelerate launch runs): one writer,
     the same compute counts as one process, identical LoRA weights on both ranks."""

@@ -1,25 +1,7 @@
-"""`python -m bench.perf NAME [overrides]`: benchmarks that print figures and ratios (one module each: bench/perf/NAME.py)."""
-from __future__ import annotations
-
-import importlib
-import pkgutil
+"""`python -m bench.perf NAME [overrides]` (the dispatcher: bench/perf/__init__.py)."""
 import sys
 
-import bench.perf
-
-
-def available() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(bench.perf.__path__) if not m.name.startswith("_"))
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in available():
-        given = argv[0] if argv else "(none)"
-        print(f"error: unknown benchmark '{given}'; valid: {', '.join(available())}", file=sys.stderr)
-        return 2
-    return int(importlib.import_module(f"bench.perf.{argv[0]}").main(argv[1:]) or 0)
-
+from bench.perf import main
 
 if __name__ == "__main__":
     sys.exit(main())

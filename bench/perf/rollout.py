@@ -21,6 +21,7 @@ import torch
 
 from bench.runner.components import build_world, plain
 from bench.runner.config import compose_config
+from bench.runner.resolve import resolve_cell
 from bench.core.errors import UserError
 from bench.core.meter import ComputeMeter
 from bench.core.policy import PolicyCall
@@ -46,7 +47,7 @@ class Case:
 
 def sampler_cfg(name: str, overrides: list[str], **extra: Any) -> dict:
     """The sampler's experiments/ config (so defaults match training runs) with `extra` on top."""
-    return {**plain(compose_config([f"sampler={name}", *overrides]).sampler), **extra}
+    return {**plain(resolve_cell(compose_config([f"sampler={name}", *overrides])).sampler), **extra}
 
 
 def build_cases(overrides: list[str], samples: int) -> tuple[list[Case], list[Case]]:
@@ -104,7 +105,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. world=digits")
     args = ap.parse_args(argv)
     try:
-        cfg = compose_config(list(args.overrides))
+        cfg = resolve_cell(compose_config(list(args.overrides)))
         chains, trees = build_cases(list(args.overrides), args.samples)
         world = build_world(cfg)
         policy = world.build_policy()

@@ -32,6 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bench.runner import store
 from bench.runner.components import build_world, plain
 from bench.runner.config import compose_config
+from bench.runner.resolve import resolve_cell
 from bench.core.errors import UserError
 from bench.core.meter import ComputeMeter
 from bench.core.policy import PolicyCall
@@ -239,7 +240,7 @@ def run_fidelity(grid_name: str, base: DictConfig, cell_overrides: list[str], gr
     exact = ESTIMATORS.get("exact")({**plain(grid.exact), "reduce": "sum"})
     settings = lab_settings(grid)
     rollouts_used = list(dict.fromkeys([s.on for s in settings]))
-    est_cfg = {name: plain(compose_config([*cell_overrides, f"estimator={name}"]).estimator)
+    est_cfg = {name: plain(resolve_cell(compose_config([*cell_overrides, f"estimator={name}"])).estimator)
                for name in {s.estimator for s in settings}}
     rows, exact_scale = [], {}
     with meter.phase("eval"), torch.no_grad():
@@ -247,7 +248,7 @@ def run_fidelity(grid_name: str, base: DictConfig, cell_overrides: list[str], gr
         cond = world.encode(prompts)
         rollouts, exact_old = {}, {}
         for name in rollouts_used:
-            scfg = plain(compose_config([*cell_overrides, f"sampler={name}"]).sampler)
+            scfg = plain(resolve_cell(compose_config([*cell_overrides, f"sampler={name}"])).sampler)
             rollouts[name] = SAMPLERS.get(name)(scfg).sample(old, prompts, cond, 1, world.latent_shape, gen)
             exact_old[name] = exact.estimate(old, rollouts[name], rollouts[name].leaves, {}).logp
         for update, params in snaps.items():
@@ -274,7 +275,7 @@ def run_fidelity(grid_name: str, base: DictConfig, cell_overrides: list[str], gr
     df.to_parquet(grid_dir / "samples.parquet", index=False)
     table.to_parquet(grid_dir / "fidelity.parquet", index=False)
     scatter_plot(df, table, grid_dir / "scatter.png")
-    steps = plain(compose_config([*cell_overrides, f"sampler={rollouts_used[0]}"]).sampler).get("steps")
+    steps = plain(resolve_cell(compose_config([*cell_overrides, f"sampler={rollouts_used[0]}"])).sampler).get("steps")
     meta = {"train_method": " ".join(grid.train_overrides) or "the base config", "samples": n, "repeats": repeats,
             "rollouts": rollouts_used, "steps": steps, "exact_scale": exact_scale,
             "exact": ", ".join(f"{k}={v}" for k, v in plain(grid.exact).items()),
