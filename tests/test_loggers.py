@@ -46,6 +46,7 @@ def test_tensorboard_writes_every_row(tmp_path: Path, digits_cache: Path) -> Non
     assert "compute/nfe" in acc.Tags()["scalars"]
 
 
+@pytest.mark.slow  # CI runs it (python -m pytest -m slow); the default suite stays under 5 min
 def test_wandb_offline_run(tmp_path: Path, digits_cache: Path) -> None:
     pytest.importorskip("wandb")
     res = results_dir(tmp_path, digits_cache)

@@ -64,6 +64,7 @@ def test_compute_meter_counts_by_hand(tmp_path):
     assert row["train_forwards"] == 384 and row["train_backwards"] == 256 and row["nfe_iter"] == 640 + 128 + 768
 
 
+@pytest.mark.slow  # CI runs it (python -m pytest -m slow); the default suite stays under 5 min
 def test_rerun_skips_done_cells(tmp_path):
     assert _run(tmp_path, "budget.iterations=2") == 0
     cell = tmp_path / "smoke" / "elbo-ode-seed0" / "metrics.jsonl"
