@@ -28,7 +28,6 @@ from bench.reporting.report import write_report
 from bench.runner.resolve import config_diff, identity
 from bench.reporting.summary import build_summary, read_manifest, write_manifest, write_summary
 
-DRY_FLAGS = ("--cfg", "--dry-run", "-c")
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:
