@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench.runner import distributed, store
 from bench.runner.cli_help import help_text
-from bench.runner.components import plain, validate_cell
+from bench.runner.components import fallback_warnings, plain, validate_cell
 from bench.runner.config import split_override
 from bench.core.errors import UserError
 from bench.reporting.fidelity import run_fidelity
@@ -73,6 +73,8 @@ def prepare(argv: list[str], dry: bool = False) -> tuple[str, DictConfig, list[C
     base, cells = expand_grid(grid_name, overrides)
     for cell in cells:
         validate_cell(cell.cfg, check_files=not dry)
+    for line in fallback_warnings(base):
+        print(line, file=sys.stderr)
     mark_invalid(cells)
     if not any(c.skip_reason is None for c in cells):
         reasons = sorted({c.skip_reason for c in cells})

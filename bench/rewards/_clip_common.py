@@ -81,6 +81,27 @@ def require_path(cfg: Mapping[str, Any], key: str, reward: str, what: str, secti
     return p
 
 
+def clip_paths(cfg: Mapping[str, Any], reward: str, what: str) -> tuple[Path, Path] | None:
+    """(model_path, processor_path) that load_clip will read, each checked to exist (UserError naming the option);
+    None for a tiny random CLIP. Also each CLIP reward's preflight: nothing is loaded."""
+    if cfg.get("tiny"):
+        return None
+    model_path = require_path(cfg, "model_path", reward, what)
+    proc_path = require_path(cfg, "processor_path", reward, "its CLIP processor") if cfg.get("processor_path") \
+        else model_path
+    return model_path, proc_path
+
+
+def require_module(module: str, reward: str, package: str, extra: str = "gpu-rewards") -> None:
+    """UserError naming the install command if `module`'s top-level package is not installed (nothing imported:
+    a preflight check that optional_import will succeed)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        raise UserError(f"reward '{reward}' needs the optional package '{package}' (module {module} is not installed); "
+                        f"install it with: pip install 'diffrl-bench[{extra}]'")
+
+
 def _processor_config(path: Path) -> dict[str, Any]:
     f = path / "preprocessor_config.json"
     return json.loads(f.read_text()) if f.exists() else {}
@@ -95,9 +116,7 @@ def load_clip(cfg: Mapping[str, Any], reward: str, what: str, dtype: torch.dtype
     if cfg.get("tiny"):
         model, tok, prep = tiny_clip(int(cfg.get("tiny_seed", 0)))
     else:
-        model_path = require_path(cfg, "model_path", reward, what)
-        proc_path = require_path(cfg, "processor_path", reward, "its CLIP processor") if cfg.get("processor_path") \
-            else model_path
+        model_path, proc_path = clip_paths(cfg, reward, what)
         try:
             model = CLIPModel.from_pretrained(str(model_path), **hf_dtype_kwargs(dtype))
             tok = AutoTokenizer.from_pretrained(str(proc_path))

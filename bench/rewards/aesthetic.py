@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from bench.core.errors import UserError
 from bench.rewards import REWARDS
-from bench.rewards._clip_common import clip_embeddings, load_clip, require_path, reward_device
+from bench.rewards._clip_common import clip_embeddings, clip_paths, load_clip, require_path, reward_device
 from bench.worlds.sd3_components import parse_dtype
 
 
@@ -49,6 +50,13 @@ class Aesthetic:
     Options: model_path (openai/clip-vit-large-patch14 as a transformers folder), head_path (the LAION head, e.g.
     sac+logos+ava1-l14-linearMSE.pth or sa_0_4_vit_l_14_linear.pth), dtype, batch_size, tiny (random head too).
     """
+
+    @staticmethod
+    def preflight(cfg: Mapping[str, Any]) -> None:
+        """Before any cell starts (bench.runner.components.validate_cell): the paths __init__ will load exist."""
+        clip_paths(cfg, "aesthetic", "clip-vit-large-patch14")
+        if not (cfg.get("tiny") and not cfg.get("head_path")):
+            require_path(cfg, "head_path", "aesthetic", "sac+logos+ava1-l14-linearMSE.pth")
 
     def __init__(self, world, cfg):
         self.batch_size = int(cfg.get("batch_size", 32))

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from bench.core.errors import UserError
 from bench.rewards import REWARDS
-from bench.rewards._clip_common import (clip_embeddings, clip_text_embeddings, load_clip, optional_import, require_path,
-                                        reward_device)
+from bench.rewards._clip_common import (clip_embeddings, clip_text_embeddings, load_clip, optional_import,
+                                        require_module, require_path, reward_device)
 
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 Detection = tuple[str, float, Sequence[float]]  # (class name, score, [x1, y1, x2, y2] in pixels)
@@ -154,13 +154,11 @@ class GenEval:
     GenEval metric), color_model_path (a transformers CLIP folder; needed only for colour requirements).
     """
 
-    def __init__(self, world, cfg):
-        self.world = world
-        self.threshold = float(cfg.get("threshold", 0.3))
-        self.counting_threshold = float(cfg.get("counting_threshold", 0.9))
-        self.max_objects = int(cfg.get("max_objects", 16))
-        self.position_threshold = float(cfg.get("position_threshold", 0.1))
-        self.strict = bool(cfg.get("strict", True))
+    @staticmethod
+    def preflight(cfg: Mapping[str, Any]) -> None:
+        """Before any cell starts (bench.runner.components.validate_cell; __init__ too): the detector backend is
+        known and its files (transformers folder, or mmdet config + checkpoint and the mmdet package) and the
+        colour CLIP folder exist."""
         dcfg = dict(cfg.get("detector") or {})
         backend = str(dcfg.get("backend", "transformers"))
         if backend not in DETECTORS:
@@ -169,6 +167,25 @@ class GenEval:
             raise UserError("reward 'geneval' needs a local detector: set world.reward_options.geneval.detector."
                             "model_path=/path/to/detector (transformers) or detector.backend=mmdet with config_path "
                             "and checkpoint_path (GenEval's Mask2Former)")
+        if not dcfg.get("tiny") and backend == "transformers":
+            require_path(dcfg, "model_path", "geneval", "an object detector (transformers folder)", "detector")
+        elif not dcfg.get("tiny"):
+            require_module("mmdet.apis", "geneval", "mmdet (and mmcv), as GenEval installs them", "geneval")
+            require_path(dcfg, "config_path", "geneval", "mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.py", "detector")
+            require_path(dcfg, "checkpoint_path", "geneval", "the Mask2Former checkpoint (.pth)", "detector")
+        if cfg.get("color_model_path") and not cfg.get("color_tiny"):
+            require_path(cfg, "color_model_path", "geneval", "clip-vit-large-patch14")
+
+    def __init__(self, world, cfg):
+        self.world = world
+        self.threshold = float(cfg.get("threshold", 0.3))
+        self.counting_threshold = float(cfg.get("counting_threshold", 0.9))
+        self.max_objects = int(cfg.get("max_objects", 16))
+        self.position_threshold = float(cfg.get("position_threshold", 0.1))
+        self.strict = bool(cfg.get("strict", True))
+        self.preflight(cfg)
+        dcfg = dict(cfg.get("detector") or {})
+        backend = str(dcfg.get("backend", "transformers"))
         device = reward_device(world)
         self.detector = tiny_detector(dcfg) if dcfg.get("tiny") else DETECTORS[backend].load(dcfg, device)
         metas = world.all_metadata() if hasattr(world, "all_metadata") else []

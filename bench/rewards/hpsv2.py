@@ -5,12 +5,15 @@ imported only when this reward is built.
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 import torch.nn.functional as F
 
 from bench.core.errors import UserError
 from bench.rewards import REWARDS
-from bench.rewards._clip_common import OPENAI_MEAN, OPENAI_STD, ImagePrep, optional_import, require_path, reward_device
+from bench.rewards._clip_common import (OPENAI_MEAN, OPENAI_STD, ImagePrep, optional_import, require_module, require_path,
+                                        reward_device)
 
 
 @REWARDS.register("hpsv2")
@@ -20,6 +23,12 @@ class HPSv2:
     Options: checkpoint_path (HPS_v2.1_compressed.pt; its state_dict holds the whole CLIP, so no OpenCLIP weights
     are downloaded), arch (ViT-H-14), batch_size.
     """
+
+    @staticmethod
+    def preflight(cfg: Mapping[str, Any]) -> None:
+        """Before any cell starts (bench.runner.components.validate_cell): the paths __init__ will load exist."""
+        require_path(cfg, "checkpoint_path", "hpsv2", "HPS_v2.1_compressed.pt")
+        require_module("hpsv2.src.open_clip", "hpsv2", "hpsv2")
 
     def __init__(self, world, cfg):
         oc = optional_import("hpsv2.src.open_clip", "hpsv2", "hpsv2")

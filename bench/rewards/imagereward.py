@@ -5,10 +5,13 @@ Optional extra: `pip install 'diffrl-bench[gpu-rewards]'` provides the `image-re
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 
 from bench.rewards import REWARDS
-from bench.rewards._clip_common import OPENAI_MEAN, OPENAI_STD, ImagePrep, optional_import, require_path, reward_device
+from bench.rewards._clip_common import (OPENAI_MEAN, OPENAI_STD, ImagePrep, optional_import, require_module, require_path,
+                                        reward_device)
 
 
 @REWARDS.register("imagereward")
@@ -18,6 +21,13 @@ class ImageRewardScore:
     Options: checkpoint_path (ImageReward.pt), med_config_path (its med_config.json; needed offline), batch_size.
     ImageReward's BLIP text side loads the 'bert-base-uncased' tokenizer, which must be in the hub cache offline.
     """
+
+    @staticmethod
+    def preflight(cfg: Mapping[str, Any]) -> None:
+        """Before any cell starts (bench.runner.components.validate_cell): the paths __init__ will load exist."""
+        require_path(cfg, "checkpoint_path", "imagereward", "ImageReward.pt")
+        require_path(cfg, "med_config_path", "imagereward", "med_config.json")
+        require_module("ImageReward", "imagereward", "image-reward")
 
     def __init__(self, world, cfg):
         rm = optional_import("ImageReward", "imagereward", "image-reward")

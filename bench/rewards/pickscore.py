@@ -1,10 +1,12 @@
 """PickScore reward (Kirstain et al. 2023, "Pick-a-Pic"), as used by Flow-GRPO and DiffusionNFT."""
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 
 from bench.rewards import REWARDS
-from bench.rewards._clip_common import clip_embeddings, load_clip, reward_device
+from bench.rewards._clip_common import clip_embeddings, clip_paths, load_clip, reward_device
 from bench.worlds.sd3_components import parse_dtype
 
 
@@ -15,6 +17,11 @@ class PickScore:
     Options: model_path (PickScore_v1 weights, a transformers CLIPModel folder), processor_path (its processor,
     e.g. a CLIP-ViT-H-14-laion2B folder; default model_path), scale, dtype, batch_size, tiny.
     """
+
+    @staticmethod
+    def preflight(cfg: Mapping[str, Any]) -> None:
+        """Before any cell starts (bench.runner.components.validate_cell): the paths __init__ will load exist."""
+        clip_paths(cfg, "pickscore", "PickScore_v1")
 
     def __init__(self, world, cfg):
         self.scale = float(cfg.get("scale", 1.0))

@@ -1,9 +1,11 @@
 """Builds a cell's world, sampler, estimator, objective and advantage from its config."""
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -69,8 +71,38 @@ def validate_cell(cfg: DictConfig, check_files: bool = True) -> None:
         check_device(cfg.world.get("device"))
     if check_files and hasattr(world_cls, "preflight"):  # cheap checks up front (sd3: are the weights there?)
         world_cls.preflight(plain(cfg.world))
-    spec = cfg.world.get("reward", None)
-    names = [spec] if isinstance(spec, str) else list(plain(spec)) if spec is not None else []
-    for name in names:
-        REWARDS.get(str(name))
+    world = plain(cfg.world)
+    options = dict(world.get("reward_options") or {})
+    for name in reward_names(world):
+        reward_cls = REWARDS.get(name)
+        if check_files and hasattr(reward_cls, "preflight"):  # each reward checks the paths it will load
+            reward_cls.preflight(dict(options.get(name) or {}))
     build_methods(cfg)
+
+
+def reward_names(world: Mapping[str, Any]) -> list[str]:
+    """Every reward a cell of this world builds: the training reward's parts and world.eval.reward's."""
+    names: list[str] = []
+    for spec in (world.get("reward"), dict(world.get("eval") or {}).get("reward")):
+        for name in ([spec] if isinstance(spec, str) else list(spec) if isinstance(spec, Mapping) else []):
+            if str(name) not in names:
+                names.append(str(name))
+    return names
+
+
+_ENV_FALLBACK = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*),([^}]*)\}")
+
+
+def fallback_warnings(cfg: DictConfig) -> list[str]:
+    """One line per world.prompts entry that falls back to its default because its environment variable is unset
+    (the sd35_* grids read DIFFRL_GENEVAL_TRAIN, DIFFRL_HPD_TRAIN, ...): naming the variable to set."""
+    prompts = cfg.get("world", {}).get("prompts") if isinstance(cfg.get("world"), DictConfig) else None
+    if not isinstance(prompts, DictConfig):
+        return []
+    out = []
+    for key, raw in OmegaConf.to_container(prompts, resolve=False).items():
+        for var, default in _ENV_FALLBACK.findall(str(raw)):
+            if var not in os.environ and default.strip() not in ("null", ""):
+                out.append(f"warning: {var} is unset, so world.prompts.{key} falls back to the shipped "
+                           f"{default.strip()} (a plumbing check, not the benchmark); set {var}=/path/to/prompts")
+    return out

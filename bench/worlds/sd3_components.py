@@ -40,7 +40,8 @@ def missing_model_message(model_path: Any, detail: str = "") -> str:
     why = "no local copy was found" + (" and HF_HUB_OFFLINE=1 forbids downloading" if offline else "")
     return (f"world.model_path={model_path!r}: {why}{'; ' + detail if detail else ''}. Give world.model_path=/path/to/"
             f"stable-diffusion-3.5-medium (a diffusers folder with model_index.json and {', '.join(SUBFOLDERS)}/), or "
-            f"a hub id already in the hub cache (download it once with `huggingface-cli download {EXAMPLE_HUB_ID}`), "
+            f"a hub id already in the hub cache (download it once with `hf download {EXAMPLE_HUB_ID}`; the model is "
+            "gated: accept its licence on huggingface.co and `hf auth login` first), "
             "or use world.variant=tiny for random tiny weights")
 
 
