@@ -16,11 +16,11 @@ from bench.rewards.combine import WeightedReward
 from bench.core.schema import Option
 from bench.worlds import WORLDS
 from bench.worlds.base import World
-from bench.worlds.sd3_components import (load_components, load_transformer, load_transformer_config, parse_dtype,
-                                         resolve_model_path)
+from bench.worlds.sd3_components import (VARIANTS, load_components, load_transformer, load_transformer_config,
+                                         parse_dtype, resolve_model_path, variant_spec)
 from bench.worlds.sd3_policy import DEFAULT_TARGETS, SD3Policy, add_lora
 from bench.worlds.sd3_text import SD3PromptEncoder
-from bench.worlds.sd3_tiny import tiny_spec, vae_factor
+from bench.worlds.sd3_tiny import vae_factor
 from samplers.ode import ODESampler
 
 LATENT_CHANNELS = 16
@@ -35,15 +35,21 @@ class SD3World(World):
     code runs on a CPU; it ignores model_path, resolution, dtype and max_sequence_length, and uses one CPU thread
     unless world.threads says otherwise. `world.tiny` resizes the tiny parts (sd3_tiny.tiny_spec: transformer,
     clip, words, resolution, `vae: identity` for a pixel-space flow); the shapes world is built that way.
+    `variant: random_full` is SD3.5-Medium's transformer and VAE from their published configs with random weights
+    and small text-encoder stand-ins of SD3.5's embedding widths (bench/worlds/sd3_random_full.py): it honours
+    resolution, the dtypes and max_sequence_length, downloads nothing, and times an SD3.5-M iteration anywhere.
     """
 
     _DTYPES = ("float32", "bfloat16", "float16")
     OPTIONS = {
-        "variant": Option("full", str, choices=("full", "tiny")),
+        "variant": Option("full", str, choices=VARIANTS,
+                          help="full: weights from model_path; tiny: tiny random parts (CPU); random_full: SD3.5-Medium's "
+                               "architecture with random weights and small text-encoder stand-ins (timing, no download)"),
         "model_path": Option("stabilityai/stable-diffusion-3.5-medium", str,
                              help="a diffusers folder, or a hub id already in the hub cache"),
         "tiny_seed": Option(0, int, help="tiny variant: seed of the random components"),
-        "tiny": Option(None, dict, nullable=True, help="tiny variant: sizes of its parts (sd3_tiny.tiny_spec)"),
+        "tiny": Option(None, dict, nullable=True,
+                       help="tiny / random_full variants: sizes of their parts (sd3_tiny.tiny_spec)"),
         "dtype": Option("bfloat16", str, choices=_DTYPES, help="transformer weights (LoRA: lora.dtype)"),
         "text_dtype": Option("bfloat16", str, choices=_DTYPES),
         "vae_dtype": Option("float32", str, choices=_DTYPES),
@@ -81,15 +87,14 @@ class SD3World(World):
             cfg["threads"] = 1
         super().__init__(cfg, cache_dir)
         self.variant = str(self.cfg.get("variant", "full"))
-        if self.variant not in ("full", "tiny"):
-            raise UserError(f"world.variant={self.variant!r}; valid: full, tiny")
         latent_channels = LATENT_CHANNELS
-        if self.variant == "tiny":
-            spec = tiny_spec(self.cfg.get("tiny"))
-            for key in ("dtype", "text_dtype", "vae_dtype"):
-                self.cfg[key] = "float32"
-            self.cfg["resolution"] = spec["resolution"]
-            self.cfg["max_sequence_length"] = spec["max_sequence_length"]
+        spec = variant_spec(self.cfg)  # random weights (tiny, random_full): the parts' sizes; full: None
+        if spec is not None:
+            if self.variant == "tiny":
+                for key in ("dtype", "text_dtype", "vae_dtype"):
+                    self.cfg[key] = "float32"
+                self.cfg["resolution"] = spec["resolution"]
+                self.cfg["max_sequence_length"] = spec["max_sequence_length"]
             factor = vae_factor(spec)
             latent_channels = int(spec["transformer"]["in_channels"])
         else:
@@ -126,7 +131,8 @@ class SD3World(World):
         if self._encoder is None:
             jad = None
             if not bool(self.cfg.get("t5", True)):  # the zero T5 slot needs the transformer's text width
-                jad = (tiny_spec(self.cfg.get("tiny"))["transformer"]["joint_attention_dim"] if self.variant == "tiny"
+                spec = variant_spec(self.cfg)
+                jad = (spec["transformer"]["joint_attention_dim"] if spec is not None
                        else int(load_transformer_config(self.cfg)["joint_attention_dim"]))
             self._encoder = SD3PromptEncoder(self.comps, self.device, int(self.cfg.get("max_sequence_length", 256)),
                                              joint_attention_dim=jad, cache_device=self.cfg.get("embed_cache_device"))

@@ -8,7 +8,8 @@ from typing import Any, Mapping
 import torch
 
 from bench.core.errors import UserError
-from bench.worlds.sd3_tiny import build_tiny_components, build_tiny_transformer
+from bench.worlds.sd3_random_full import random_full_spec
+from bench.worlds.sd3_tiny import build_tiny_components, build_tiny_transformer, tiny_spec
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -16,6 +17,23 @@ SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_enco
               "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")
 FROZEN = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 EXAMPLE_HUB_ID = "stabilityai/stable-diffusion-3.5-medium"
+
+
+VARIANTS = ("full", "tiny", "random_full")
+
+
+def variant_spec(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The sd3_tiny spec of a random-weight variant (tiny: world.tiny over sd3_tiny.TINY; random_full: SD3.5-Medium's
+    shapes at world.resolution, world.tiny over them), or None for `full` (weights from world.model_path)."""
+    variant = str(cfg.get("variant", "full"))
+    if variant == "tiny":
+        return tiny_spec(cfg.get("tiny"))
+    if variant == "random_full":
+        return random_full_spec(int(cfg.get("resolution", 512)), int(cfg.get("max_sequence_length", 256)),
+                                cfg.get("tiny"))
+    if variant != "full":
+        raise UserError(f"world.variant={variant!r}; valid: {', '.join(VARIANTS)}")
+    return None
 
 
 def parse_dtype(value: Any, key: str) -> torch.dtype:
@@ -81,18 +99,13 @@ def load_pretrained(cls: Any, root: str, subfolder: str, model_path: Any, **kwar
 
 def load_components(cfg: Mapping[str, Any], device: torch.device, with_transformer: bool = True) -> dict[str, Any]:
     """Every StableDiffusion3Pipeline component, frozen (eval mode, no grad) except the transformer."""
-    variant = str(cfg.get("variant", "full"))
     text_dtype = parse_dtype(cfg.get("text_dtype", cfg.get("dtype", "bfloat16")), "world.text_dtype")
     vae_dtype = parse_dtype(cfg.get("vae_dtype", "float32"), "world.vae_dtype")
-    if variant == "tiny":
-
-        comps = build_tiny_components(int(cfg.get("tiny_seed", 0)), cfg.get("tiny"))
-        if not with_transformer:
-            comps["transformer"] = None
-    elif variant == "full":
-        comps = _load_full(cfg, text_dtype, vae_dtype, with_transformer)
+    spec = variant_spec(cfg)
+    if spec is not None:
+        comps = build_tiny_components(int(cfg.get("tiny_seed", 0)), spec, with_transformer=with_transformer)
     else:
-        raise UserError(f"world.variant={variant!r}; valid: full, tiny")
+        comps = _load_full(cfg, text_dtype, vae_dtype, with_transformer)
     if not bool(cfg.get("t5", True)):
         # SD3 runs without T5 (zero embeddings in its slot): saves ~9 GB at some prompt-following cost.
         comps["text_encoder_3"], comps["tokenizer_3"] = None, None
@@ -136,9 +149,9 @@ def _load_full(cfg: Mapping[str, Any], text_dtype: torch.dtype, vae_dtype: torch
 def load_transformer(cfg: Mapping[str, Any]) -> Any:
     """A fresh SD3Transformer2DModel (base weights, no adapter) in world.dtype."""
     dtype = parse_dtype(cfg.get("dtype", "bfloat16"), "world.dtype")
-    if str(cfg.get("variant", "full")) == "tiny":
-
-        model = build_tiny_transformer(int(cfg.get("tiny_seed", 0)), cfg.get("tiny"))
+    spec = variant_spec(cfg)
+    if spec is not None:
+        model = build_tiny_transformer(int(cfg.get("tiny_seed", 0)), spec)
         return model if model.dtype == dtype else model.to(dtype)
     from diffusers import SD3Transformer2DModel
 

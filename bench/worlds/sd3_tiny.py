@@ -143,11 +143,13 @@ def _clip_encoder(tokenizer: Any, seed: int, clip: Mapping[str, Any] = TINY["cli
     return CLIPTextModelWithProjection(cfg)
 
 
-def build_tiny_components(seed: int = 0, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def build_tiny_components(seed: int = 0, overrides: Mapping[str, Any] | None = None,
+                          with_transformer: bool = True) -> dict[str, Any]:
     """Every StableDiffusion3Pipeline component, tiny and random but deterministic in `seed` (global RNG untouched).
 
     `overrides` (see tiny_spec) resize the parts; `vae: identity` gives a pixel-space flow (PixelVAE), `words` the
-    tokenizers' whole-word vocabulary.
+    tokenizers' whole-word vocabulary, `clip_2` the second CLIP encoder (default: as `clip`).
+    `with_transformer=False` leaves the transformer out (None): the policy builds its own.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import T5Config, T5EncoderModel
@@ -161,14 +163,14 @@ def build_tiny_components(seed: int = 0, overrides: Mapping[str, Any] | None = N
         comps = {
             "tokenizer": tok, "tokenizer_2": tok2, "tokenizer_3": tok3,
             "text_encoder": _clip_encoder(tok, seed + 1, spec["clip"]),
-            "text_encoder_2": _clip_encoder(tok2, seed + 2, spec["clip"]),
+            "text_encoder_2": _clip_encoder(tok2, seed + 2, spec.get("clip_2") or spec["clip"]),
         }
         torch.manual_seed(seed + 3)
         comps["text_encoder_3"] = T5EncoderModel(T5Config(vocab_size=len(tok3), pad_token_id=tok3.pad_token_id,
                                                           eos_token_id=tok3.eos_token_id, **spec["t5"]))
         torch.manual_seed(seed + 4)
         comps["vae"] = PixelVAE() if spec["vae"] == "identity" else AutoencoderKL(**spec["vae"])
-        comps["transformer"] = build_tiny_transformer(seed, overrides)
+        comps["transformer"] = build_tiny_transformer(seed, overrides) if with_transformer else None
     comps["scheduler"] = FlowMatchEulerDiscreteScheduler(shift=float(spec.get("shift", 3.0)))
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
         comps[name].eval().requires_grad_(False)
