@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench.worlds import WORLDS
 from bench.worlds.base import check_device
+from bench.training.preflight import check_training
 from estimators import ESTIMATORS
 from objectives import ADVANTAGES, OBJECTIVES
 from samplers import SAMPLERS
@@ -77,6 +78,8 @@ def validate_cell(cfg: DictConfig, check_files: bool = True) -> None:
         reward_cls = REWARDS.get(name)
         if check_files and hasattr(reward_cls, "preflight"):  # each reward checks the paths it will load
             reward_cls.preflight(dict(options.get(name) or {}))
+    if check_files:  # accelerate's --mixed_precision agrees with the cell's; train.init_lora is a LoRA file
+        check_training(cfg.train)
     build_methods(cfg)
 
 

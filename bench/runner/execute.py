@@ -238,11 +238,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def data_parallel_command(processes: int) -> list[str]:
+def data_parallel_command(processes: int, mixed_precision: str = "no") -> list[str]:
     """`accelerate launch` of `processes` ranks on this node. Its --multi_gpu mode is torchrun underneath and starts
-    the ranks on CPUs too (bench.runner.distributed then uses gloo), where its --cpu mode would start only one."""
+    the ranks on CPUs too (bench.runner.distributed then uses gloo), where its --cpu mode would start only one.
+    --mixed_precision is the cell's train.mixed_precision (the cell refuses a launch that says otherwise)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-            "--num_processes", str(processes), "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+            "--num_processes", str(processes), "--main_process_port", str(_free_port()), "--mixed_precision", mixed_precision,
             "--dynamo_backend", "no"]
 
 
@@ -256,7 +257,8 @@ def run_cell_data_parallel(cell: Cell, grid_dir: Path, processes: int) -> str:
         with tempfile.TemporaryDirectory(prefix="bench-cell-") as tmp:
             payload = Path(tmp) / "task.pkl"
             payload.write_bytes(pickle.dumps(Task("cell", cell)))
-            cmd = [*data_parallel_command(processes), "-m", "bench.runner.execute", str(payload), str(Path(grid_dir).resolve())]
+            precision = str(cell.cfg.train.get("mixed_precision", "no"))
+            cmd = [*data_parallel_command(processes, precision), "-m", "bench.runner.execute", str(payload), str(Path(grid_dir).resolve())]
             # Its own session, so stopping it (preemption, Ctrl-C) reaches every rank it started.
             # It dies with this process (a job killed with SIGKILL), and its ranks with it (_data_parallel_rank).
             proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=lifeline.preexec_die_with_parent)

@@ -46,3 +46,27 @@ def ema_update(ema: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor],
     with torch.no_grad():
         for name, p in params.items():
             ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+class EvalEMA:
+    """EMA of the trainable weights that evaluation uses (train.eval_ema; Flow-GRPO, DanceGRPO, AWM keep one),
+    separate from the EMA old policy: after every `every`-th optimizer step, ema <- decay ema + (1 - decay) theta."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor], decay: float, every: int):
+        self.decay, self.every = float(decay), int(every)
+        self.weights = {n: p.detach().clone() for n, p in params.items()}
+        self.steps = 0
+
+    def step(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Count one optimizer step; average on every `every`-th."""
+        self.steps += 1
+        if self.steps % self.every == 0:
+            ema_update(self.weights, params, self.decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.weights, "steps": self.steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        # A checkpoint's tensors are on the CPU: back onto the weights' device.
+        self.weights = {n: state["weights"][n].to(w.device, w.dtype, copy=True) for n, w in self.weights.items()}
+        self.steps = int(state["steps"])

@@ -15,15 +15,20 @@ from tqdm.auto import tqdm
 from bench.runner import distributed, store
 from bench.runner.components import Components, build_methods, build_world
 from bench.core.errors import Diverged
+from bench.core.frozen import frozen
 from bench.core.meter import ComputeMeter
-from bench.training.ema import ema_decay, ema_update, optimizer_steps
+from bench.training.ema import EvalEMA, ema_decay, ema_update, optimizer_steps
+from bench.training.micro_batch import StepStats, check_evaluations, micro_batches, weighted_loss
+from bench.training.precision import Precision, check_launch
 from bench.core.policy import Policy, PolicyCall
 from bench.runner.resolve import resolve_cell
+from bench.worlds.sd3_lora_export import export_lora, exportable, init_from_lora
 
 from objectives.filtering import drop_zero_advantage
 from objectives.kl import kl_penalty
 
-TIMING_KEYS = ("iter_wall_s", "wall_s", "device_s", "device_hours", "peak_mem_mb", "rollout_s", "reward_s", "train_s")
+TIMING_KEYS = ("iter_wall_s", "wall_s", "device_s", "device_hours", "peak_mem_mb", "rollout_s", "reward_s", "train_s",
+               "eval_s")
 
 
 def check_finite(quantity: str, value: torch.Tensor, iteration: int) -> None:
@@ -42,11 +47,28 @@ def budget_reached(cfg: DictConfig, iteration: int, meter: ComputeMeter) -> bool
             or (b.device_hours is not None and meter.total_device_s / 3600 >= b.device_hours))
 
 
+def until_done(cfg: DictConfig, meter: ComputeMeter, crossed: bool) -> bool:
+    """budget.until: the run may stop once an eval reached the value, or at the cap (always true without it)."""
+    until = cfg.budget.get("until")
+    return until is None or crossed or meter.total_nfe >= int(until.cap_nfe)
+
+
+def crossed_until(cfg: DictConfig, row: dict[str, Any]) -> bool:
+    """Did this eval row reach budget.until's value (False without budget.until or an eval)?"""
+    until = cfg.budget.get("until")
+    return until is not None and until.metric in row and float(row[until.metric]) >= float(until.value)
+
+
 def eval_due(cfg: DictConfig, iteration: int, nfe_before: int, nfe_after: int) -> bool:
+    """Does the eval schedule fall in this iteration: a multiple of eval.every_nfe crossed (else of eval.every
+    reached), the period times eval.late_factor once the NFE before it passed eval.late_from_nfe."""
+    late_from = cfg.eval.get("late_from_nfe")
+    factor = int(cfg.eval.get("late_factor", 1)) if late_from is not None and nfe_before >= late_from else 1
     every_nfe = cfg.eval.get("every_nfe")
     if every_nfe:
-        return nfe_after // every_nfe > nfe_before // every_nfe
-    return iteration % int(cfg.eval.every) == 0
+        period = int(every_nfe) * factor
+        return nfe_after // period > nfe_before // period
+    return iteration % (int(cfg.eval.every) * factor) == 0
 
 
 def minibatch_indices(n: int, minibatches: int, generator: torch.Generator,
@@ -81,6 +103,8 @@ class CellState:
     ref_params: dict[str, torch.Tensor]
     ema_params: dict[str, torch.Tensor] | None
     sample_with_old: bool
+    precision: Precision
+    eval_ema: EvalEMA | None = None  # train.eval_ema: the weights evaluation uses, when on
 
 
 def build_state(cfg: DictConfig) -> CellState:
@@ -93,13 +117,24 @@ def build_state(cfg: DictConfig) -> CellState:
     policy = world.build_policy()
     world, policy = distributed.wrap(world, policy)  # multi-process: prompt shards, averaged grads; else a no-op
     params = policy.trainable_named_parameters()
-    opt = torch.optim.AdamW(params.values(), lr=float(cfg.train.lr), weight_decay=float(cfg.train.weight_decay))
+    ref_params = policy.snapshot()  # before train.init_lora: the reference stays the base model
+    if cfg.train.get("init_lora"):
+        init_from_lora(policy, cfg.train.init_lora)
+    precision = Precision(str(cfg.train.get("mixed_precision", "no")), world.device)
+    check_launch(precision.mode)
+    precision.check(policy)
+    # foreach: one kernel per op over all parameters instead of a Python loop over them (the same numbers on CPU).
+    opt = torch.optim.AdamW(params.values(), lr=float(cfg.train.lr), weight_decay=float(cfg.train.weight_decay),
+                            foreach=True)
     meter = distributed.make_meter(world.device)  # one process: ComputeMeter(num_devices=1)
     ema_params = policy.snapshot() if cfg.train.old_policy == "ema" else None
-    model = PolicyCall(policy, meter, guidance=m.sampler.guidance, detach_uncond=bool(cfg.train.detach_uncond))
-    return CellState(cfg, world, m, policy, params, opt, meter, model,
-                     gen, policy.snapshot(), ema_params,
-                     ema_params is not None and cfg.train.get("sampling_policy", "current") == "old")
+    model = precision.policy_call(policy, meter, m.sampler.guidance, bool(cfg.train.detach_uncond))
+    eval_ema = cfg.train.get("eval_ema")
+    # The loop reads cfg per minibatch: a plain frozen copy (bench/core/frozen.py), not OmegaConf nodes.
+    return CellState(frozen(cfg), world, m, policy, params, opt, meter, model,
+                     gen, ref_params, ema_params,
+                     ema_params is not None and cfg.train.get("sampling_policy", "current") == "old", precision,
+                     None if eval_ema is None else EvalEMA(params, eval_ema.decay, eval_ema.every))
 
 
 def train_iteration(s: CellState, iteration: int, timed: Callable[[str], ContextManager] = lambda name: nullcontext()
@@ -148,40 +183,51 @@ def train_iteration(s: CellState, iteration: int, timed: Callable[[str], Context
         stepped = False
         for _ in range(int(cfg.train.epochs)):
             for mb in minibatch_indices(len(units), int(cfg.train.minibatches), gen, groups):
-                with timed("est_forward"):
-                    est = m.estimator.estimate(model, rollout, units[mb], {k: v[mb] for k, v in draws.items()})
-                    # Before the first optimizer step the current policy *is* the sampling policy: reuse its value
-                    # exactly (a stored or batch-recomputed value differs in the last bits), so the ratio is 1.
-                    fresh = s.ema_params is None and not stepped
-                    if m.objective.on_noised_samples:  # nft, awm: v_old per minibatch, no log-likelihood
-                        model_old = None if fresh else model.with_params(old_params)
-                        loss, stats = m.objective.sample_loss(est, rollout.x[units[mb]], adv[mb], model_old)
-                    else:
-                        if fresh:
-                            logp_old_all[mb], known[mb] = est.logp.detach(), True
-                        missing = mb[~known[mb]]
-                        if len(missing):
-                            logp_old_all[missing] = m.estimator.old_logp(
-                                model.with_params(old_params), rollout, units[missing],
-                                {k: v[missing] for k, v in draws.items()}, gen, is_sampling)
-                            known[missing] = True
-                        loss, stats = m.objective.loss(est.logp, logp_old_all[mb], adv[mb])
-                    if cfg.train.kl_coef:
-                        kl = kl_penalty(cfg.train.get("kl_type", "velocity"), est, model.with_params(s.ref_params),
-                                        rollout, units[mb])
-                        loss = loss + float(cfg.train.kl_coef) * kl
-                        stats["kl"] = kl.item()
-                check_finite("loss", loss, iteration)
-                with timed("est_backward"):
-                    s.opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                # One optimizer step per minibatch; train.micro_batch splits its forward/backward (tree siblings
+                # together), each micro-batch's loss weighted so the gradients add up to the minibatch's.
+                s.opt.zero_grad(set_to_none=True)
+                step_stats = StepStats()
+                for micro in micro_batches(mb, cfg.train.get("micro_batch"), groups):
+                    mu = micro.idx
+                    with timed("est_forward"):
+                        est = m.estimator.estimate(model, rollout, units[mu], {k: v[mu] for k, v in draws.items()})
+                        # Before the first optimizer step the current policy *is* the sampling policy: reuse its
+                        # value exactly (a stored or batch-recomputed value differs in the last bits): ratio 1.
+                        fresh = s.ema_params is None and not stepped
+                        if m.objective.on_noised_samples:  # nft, awm: v_old per minibatch, no log-likelihood
+                            model_old = None if fresh else model.with_params(old_params)
+                            loss, stats = m.objective.sample_loss(est, rollout.x[units[mu]], adv[mu], model_old)
+                        else:
+                            if fresh:
+                                logp_old_all[mu], known[mu] = est.logp.detach(), True
+                            missing = mu[~known[mu]]
+                            if len(missing):
+                                logp_old_all[missing] = m.estimator.old_logp(
+                                    model.with_params(old_params), rollout, units[missing],
+                                    {k: v[missing] for k, v in draws.items()}, gen, is_sampling).to(logp_old_all.dtype)
+                                known[missing] = True
+                            loss, stats = m.objective.loss(est.logp, logp_old_all[mu], adv[mu])
+                        kl = None
+                        if cfg.train.kl_coef:
+                            check_evaluations(micro, len(est.v))
+                            kl = kl_penalty(cfg.train.get("kl_type", "velocity"), est,
+                                            model.with_params(s.ref_params), rollout, units[mu])
+                            stats["kl"] = kl.item()
+                        loss = weighted_loss(loss, kl, float(cfg.train.kl_coef), micro)
+                    check_finite("loss", loss, iteration)
+                    with timed("est_backward"):
+                        s.precision.backward(loss)
+                    step_stats.add(stats, loss.item(), micro)
                 with timed("optimizer"):
-                    grad_norm = torch.nn.utils.clip_grad_norm_(s.params.values(), float(cfg.train.max_grad_norm))
-                    check_finite("gradients", grad_norm, iteration)  # before the step: the weights stay finite
-                    s.opt.step()
+                    grad_norm = s.precision.clip(s.opt, s.params.values(), float(cfg.train.max_grad_norm))
+                    if not s.precision.skips_bad_steps:  # fp16: the GradScaler skips a non-finite step instead
+                        check_finite("gradients", grad_norm, iteration)  # before the step: weights stay finite
+                    s.precision.step(s.opt)
+                if s.eval_ema is not None:
+                    s.eval_ema.step(s.params)
                 stepped = True
-                stats.update(loss=loss.item(), grad_norm=grad_norm.item())
-                for k, v in stats.items():
+                step_stats.values["grad_norm"] = grad_norm.item()
+                for k, v in step_stats.values.items():
                     stats_acc.setdefault(k, []).append(v)
     if s.ema_params is not None:
         ema_update(s.ema_params, s.params, ema_decay(cfg.train, iteration, optimizer_steps(s.opt)))
@@ -192,8 +238,25 @@ def train_iteration(s: CellState, iteration: int, timed: Callable[[str], Context
                 for k, v in stats_acc.items()})
     all_rewards = distributed.all_gather(rollout.reward)  # every rank's rewards (this rank's in one process)
     row.update(train_reward_mean=all_rewards.mean().item(), train_reward_std=all_rewards.std().item(),
-               num_units=len(units), num_samples=len(rollout.leaves))
+               num_units=len(units), num_samples=len(rollout.leaves), optimizer_steps=optimizer_steps(s.opt))
     return row
+
+
+def eval_model(s: CellState) -> PolicyCall:
+    """The policy evaluation sees: the EMA weights under train.eval_ema, else the current ones."""
+    return s.model if s.eval_ema is None else s.model.with_params(s.eval_ema.weights)
+
+
+LORA_DIR = "lora"
+
+
+def write_lora(s: CellState, cell_dir: Path, iteration: int) -> Path | None:
+    """checkpoint.export_lora: the evaluated weights as <cell>/lora/lora-<iteration>.safetensors, in the format
+    diffusers' load_lora_weights reads (rank 0 only; None for a world without a LoRA policy)."""
+    if not s.cfg.checkpoint.get("export_lora", True) or not exportable(s.policy) or not distributed.is_main():
+        return None
+    weights = None if s.eval_ema is None else s.eval_ema.weights
+    return export_lora(s.policy, Path(cell_dir) / LORA_DIR / f"lora-{iteration:04d}.safetensors", weights)
 
 
 def checkpoint_state(s: CellState, iteration: int) -> dict[str, Any]:
@@ -201,7 +264,9 @@ def checkpoint_state(s: CellState, iteration: int) -> dict[str, Any]:
     m = s.methods
     return {"iteration": iteration, "params": s.policy.snapshot(), "optimizer": s.opt.state_dict(),
             "meter": s.meter.state_dict(), "generator": s.gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "ema": s.ema_params, "advantage": m.advantage.state_dict() if hasattr(m.advantage, "state_dict") else None}
+            "ema": s.ema_params, "advantage": m.advantage.state_dict() if hasattr(m.advantage, "state_dict") else None,
+            "grad_scaler": s.precision.state_dict(),
+            "eval_ema": s.eval_ema.state_dict() if s.eval_ema is not None else None}
 
 
 def resume(s: CellState, ckpt: dict[str, Any]) -> int:
@@ -214,6 +279,9 @@ def resume(s: CellState, ckpt: dict[str, Any]) -> int:
     s.gen.set_state(ckpt["generator"])
     torch.set_rng_state(ckpt["torch_rng"])
     s.ema_params = ckpt.get("ema")
+    s.precision.load_state_dict(ckpt.get("grad_scaler"))
+    if s.eval_ema is not None and ckpt.get("eval_ema") is not None:
+        s.eval_ema.load_state_dict(ckpt["eval_ema"])
     if hasattr(s.methods.advantage, "load_state_dict"):
         s.methods.advantage.load_state_dict(ckpt.get("advantage") or {})
     return int(ckpt["iteration"])
@@ -226,6 +294,7 @@ def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1,
     cell_dir = Path(cell_dir)
     cell_dir.mkdir(parents=True, exist_ok=True)
     s = build_state(cfg)
+    cfg = s.cfg  # the frozen copy: the loop below reads budget/eval keys every iteration
     iteration = 0
     ckpt = store.load_checkpoint(cell_dir)
     if ckpt is not None:
@@ -235,21 +304,31 @@ def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1,
         (cell_dir / store.METRICS_FILE).unlink(missing_ok=True)
         with s.meter.phase("eval"):
             row = {"iteration": 0, "nfe": 0, "device_hours": 0.0, "wall_s": 0.0,
-                   **s.world.evaluate(s.model, cell_dir / "samples", "0000")}
+                   **s.world.evaluate(eval_model(s), cell_dir / "samples", "0000")}
         store.append_metrics(cell_dir, row)
         if on_row is not None:
             on_row(row)
 
+    # The fixed budget ends the run unless budget.until keeps it going (to a first crossing or the cap); the
+    # report reads final figures at the budget's eval and first crossings over the whole run.
+    crossed = any(crossed_until(cfg, r) for r in store.read_metrics(cell_dir))
     bar = tqdm(desc=cell_dir.name, total=cfg.budget.iterations, initial=iteration, position=position,
                leave=False, dynamic_ncols=True, disable=None)
-    while not budget_reached(cfg, iteration, s.meter):
+    while not (budget_reached(cfg, iteration, s.meter) and until_done(cfg, s.meter, crossed)):
         iteration += 1
         nfe_before = s.meter.total_nfe
+        in_budget = not budget_reached(cfg, iteration - 1, s.meter)  # the meter has not moved yet
         row = train_iteration(s, iteration)
-        last = budget_reached(cfg, iteration, s.meter)
-        if last or eval_due(cfg, iteration, nfe_before, s.meter.total_nfe):
+        spent = budget_reached(cfg, iteration, s.meter)
+        # Evals at the schedule, where the budget runs out (the final figures) and where the run ends.
+        if (in_budget and spent) or (spent and until_done(cfg, s.meter, crossed)) or eval_due(
+                cfg, iteration, nfe_before, s.meter.total_nfe):
             with s.meter.phase("eval"):
-                row.update(s.world.evaluate(s.model, cell_dir / "samples", f"{iteration:04d}"))
+                row.update(s.world.evaluate(eval_model(s), cell_dir / "samples", f"{iteration:04d}"))
+            row["eval_s"] = s.meter.current.phase_s["eval"]  # eval time, apart from the iteration's wall_s
+            write_lora(s, cell_dir, iteration)
+            crossed = crossed or crossed_until(cfg, row)
+        last = budget_reached(cfg, iteration, s.meter) and until_done(cfg, s.meter, crossed)
         store.append_metrics(cell_dir, row)
         if on_row is not None:
             on_row(row)
