@@ -96,7 +96,7 @@ def train_snapshots(cell_overrides: list[str], grid: DictConfig, train_dir: Path
                 raise RuntimeError(f"{train_dir} holds a checkpoint at iteration {ckpt['iteration']}, not {u}; "
                                    "delete the folder to retrain the snapshots")
             torch.save(ckpt["params"], path)
-        snaps[u] = torch.load(path)
+        snaps[u] = torch.load(path, weights_only=True)  # a dict of tensors: no pickle needed
     return snaps
 
 

@@ -5,6 +5,7 @@ imported only when this reward is built.
 """
 from __future__ import annotations
 
+import pickle
 from typing import Any, Mapping
 
 import torch
@@ -38,7 +39,11 @@ class HPSv2:
         # pretrained=None: the architecture only; the HPS checkpoint then supplies every weight (no download).
         model = oc.create_model_and_transforms(arch, None, precision="fp32", device=str(device), jit=False,
                                                output_dict=True)[0]
-        state = torch.load(str(ckpt), map_location="cpu", weights_only=False)
+        try:  # tensors only: a checkpoint that needs arbitrary unpickling is refused, never executed
+            state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UserError(f"reward 'hpsv2': '{ckpt}' holds more than weights (weights_only=True refused it: "
+                            f"{str(e).splitlines()[0][:120]}); valid: HPS_v2.1_compressed.pt") from None
         try:
             model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
         except RuntimeError as e:
