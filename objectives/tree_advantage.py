@@ -16,27 +16,48 @@ def propagate_up(rollout: Rollout, leaf_adv: torch.Tensor, alpha: float, per_dim
 
     Sibling weights are softmax(alpha * logp_old(child)) over the children of a parent, logp_old per dimension
     if `per_dim` (the suite's 'mean' reduction) else summed. Single-child links (ODE steps, chains) pass the
-    value through unchanged. Vectorised per depth: one scatter per schedule step, deepest first.
+    value through unchanged. One pass per schedule step, deepest first (a node's value needs its children's):
+    levels where every parent has one child (ODE steps) are a plain copy, branching levels one softmax-weighted
+    mean over sibling groups indexed by parent id (no sort, no torch.unique). Sums run over the siblings in id
+    order, as a per-group loop's would, so the values are the same to the bit.
     """
     n = rollout.num_nodes
     adv = torch.zeros(n, dtype=torch.float64)
     adv[rollout.leaves.cpu()] = leaf_adv.double()
     step, parent = rollout.step.cpu(), rollout.parent.cpu()
-    logit = alpha * rollout.logp_old.detach().cpu().double()
-    if per_dim:
-        logit = logit / rollout.x[0].numel()
-    for s in range(int(step.max()), 0, -1):
-        nodes = (step == s).nonzero().squeeze(1)
-        if not len(nodes):
+    levels = int(step.max()) + 1
+    # Computed once for the rollout: the nodes of each step (ascending ids, as a per-step nonzero gives them),
+    # and per step the most siblings any of its nodes has (1: a copy level).
+    order = torch.argsort(step, stable=True)
+    counts = torch.bincount(step, minlength=levels)
+    bounds = (torch.cumsum(counts, 0) - counts).tolist()
+    has_parent = parent >= 0
+    children = torch.bincount(parent[has_parent], minlength=n)
+    siblings = torch.zeros(n, dtype=torch.long)
+    siblings[has_parent] = children[parent[has_parent]]
+    widest = torch.zeros(levels, dtype=torch.long).scatter_reduce(0, step, siblings, "amax").tolist()
+    counts_l = counts.tolist()
+    logit = None
+    for s in range(levels - 1, 0, -1):
+        if not counts_l[s]:
             continue
-        parents, group = torch.unique(parent[nodes], return_inverse=True)
+        nodes = order[bounds[s]:bounds[s] + counts_l[s]]
+        parents = parent[nodes]
+        if widest[s] <= 1:  # one child per parent: its weight is exp(0) = 1 and (1 * A) / 1 = A exactly
+            adv[parents] = adv[nodes]
+            continue
+        if logit is None:
+            logit = alpha * rollout.logp_old.detach().cpu().double()
+            if per_dim:
+                logit = logit / rollout.x[0].numel()
         z = logit[nodes]
-        # Subtract each sibling group's max before exp: summed log-densities are large in high dimension.
-        z_max = torch.full((len(parents),), -torch.inf, dtype=z.dtype).scatter_reduce(0, group, z, "amax")
-        w = torch.exp(z - z_max[group])
-        num = torch.zeros(len(parents), dtype=w.dtype).index_add_(0, group, w * adv[nodes])
-        den = torch.zeros(len(parents), dtype=w.dtype).index_add_(0, group, w)
-        adv[parents] = num / den
+        # Sibling groups indexed by the parent's id (buffers over all nodes, no sort): subtract each group's max
+        # before exp, as summed log-densities are large in high dimension.
+        z_max = torch.full((n,), -torch.inf, dtype=z.dtype).scatter_reduce(0, parents, z, "amax")
+        w = torch.exp(z - z_max[parents])
+        num = torch.zeros(n, dtype=w.dtype).index_add_(0, parents, w * adv[nodes])
+        den = torch.zeros(n, dtype=w.dtype).index_add_(0, parents, w)
+        adv[parents] = (num / den)[parents]
     return adv.float()
 
 

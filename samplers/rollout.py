@@ -97,6 +97,7 @@ class RolloutBuilder:
                  family: ModelFamily = FLOW):
         self.schedule, self.prompts, self.cond, self.kernel, self.guidance = schedule, prompts, cond, kernel, guidance
         self.family = family
+        self._times = schedule.tolist()  # read once: float(schedule[step]) per level would sync a GPU each time
         self._cols: dict[str, list[torch.Tensor]] = {k: [] for k in
                                                      ("x", "t", "step", "parent", "slot", "kind", "mean", "scale", "logp_old", "trained")}
         self.count = 0
@@ -111,7 +112,7 @@ class RolloutBuilder:
         zeros = torch.zeros(b, dtype=torch.float32, device=x.device)
         c = self._cols
         c["x"].append(x)
-        c["t"].append(torch.full((b,), float(self.schedule[step]), dtype=torch.float32, device=x.device))
+        c["t"].append(torch.full((b,), self._times[step], dtype=torch.float32, device=x.device))
         c["step"].append(torch.full((b,), step, dtype=torch.long, device=x.device))
         c["parent"].append(torch.full((b,), -1, dtype=torch.long, device=x.device) if parent is None else parent.to(x.device))
         c["slot"].append(slot.to(x.device))

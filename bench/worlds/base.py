@@ -12,6 +12,7 @@ from bench.core.meter import ComputeMeter
 from bench.core.policy import Cond, Policy, PolicyCall
 from bench.rewards.combine import WeightedReward
 from bench.core.schema import Configurable, Option
+from bench.core.threads import cap_threads
 
 
 def check_device(device: str | None, key: str = "world.device") -> None:
@@ -69,7 +70,8 @@ class World(Configurable):
         if self.cfg.get("threads"):
             # Small CPU models gain nothing from intra-op threads, and on a shared machine the threads'
             # spin-waits cost up to 50x (measured on the digits MLP with other jobs running).
-            torch.set_num_threads(int(self.cfg["threads"]))
+            # Every pool, not torch's alone: numpy's OpenBLAS spin-waits after the judges' calls (bench/core/threads.py).
+            cap_threads(int(self.cfg["threads"]))
 
     # -- model -----------------------------------------------------------------------------
     def build_policy(self) -> Policy:
