@@ -11,6 +11,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from safetensors import safe_open
 
+from bench import run
 from bench.core.errors import UserError
 from bench.runner import store
 from bench.runner.config import compose_config
@@ -102,3 +103,13 @@ def test_no_pickle_loads_remain():
     out = subprocess.run(["git", "grep", "-n", "torch.load(", "--", "bench", "estimators", "objectives", "samplers"],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines()
     assert out and [line for line in out if "weights_only=True" not in line] == []
+
+
+def test_bad_init_lora_or_launch_precision_exits_2_before_writing(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "results"
+    assert run.main(["grid=smoke", f"results_dir={out}", f"train.init_lora={tmp_path / 'none.safetensors'}"]) == 2
+    assert "train.init_lora=" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert run.main(["grid=smoke", f"results_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "accelerate launch --mixed_precision fp16" in err[0] and not out.exists()
