@@ -20,12 +20,14 @@ from bench.runner.components import fallback_warnings, plain, validate_cell
 from bench.runner.config import split_override
 from bench.core.errors import UserError
 from bench.reporting.fidelity import run_fidelity
+from bench.runner.freshness import is_fresh, mark_fresh, report_key
 from bench.runner.execute import FINAL, Task, read_base_metrics, read_identity, run_cell  # noqa: F401 (public: bench.run.run_cell)
 from bench.runner.grid import Cell, expand_grid, mark_invalid, unused_keys
 from bench.runner.launchers import build_launcher, check_launcher, drive
 from bench.runner.loggers import check_logger
 from bench.reporting.report import write_report
 from bench.runner.resolve import config_diff, identity
+from bench.runner.tuning import TuneSpec, choose, method_templates, report_cells, setting_label, tune_spec, tuning_cells
 from bench.reporting.summary import build_summary, read_manifest, write_manifest, write_summary
 
 
@@ -115,7 +117,10 @@ def plan_cells(grid_dir: Path, cells: list[Cell], earlier: list[Cell]) -> dict[s
         plan[cell.name] = ("reuse" if status in FINAL and stored is not None
                            else "resume" if stored is not None and store.has_checkpoint(grid_dir / cell.name) else "run")
     names = {c.name for c in cells}
-    axes = {a for c in cells for a in c.axes} | {a for c in earlier for a in c.axes}
+    # What may differ between cells of one folder: the axes, the tuned keys, and for tuning runs budget.until.
+    axes = {a for c in [*cells, *earlier] for a in [*c.axes, *c.setting] if a != "of"}
+    if any(c.stage == "tune" for c in [*cells, *earlier]):
+        axes.add("budget.until")
     mine = _shared(identity(valid[0].cfg), axes)
     for old in earlier:
         stored = read_identity(grid_dir / old.name) if old.name not in names else None
@@ -141,7 +146,12 @@ def write_grid_meta(grid_name: str, base: DictConfig, cells: list[Cell], grid_di
     and earlier runs'), written before any cell runs, so `python -m bench.report` works while cells run."""
     b = base.budget
     budget = ", ".join(f"{k}={b[k]}" for k in ("nfe", "device_hours", "iterations") if b.get(k) is not None)
-    grid_cfg = {**plain(base.grid), "name": grid_name, "budget_text": budget}
+    until = b.get("until")
+    if until is not None:
+        budget += (f"; past it, training goes on until {until.metric} reaches {until.value:g} (first crossing), at "
+                   f"most to {until.cap_nfe} NFE")
+    grid_cfg = {**plain(base.grid), "name": grid_name, "budget_text": budget, "budget_nfe": b.get("nfe"),
+                "cap_nfe": until.cap_nfe if until is not None else None}
     store.atomic_write_text(grid_dir / "grid.yaml", yaml.safe_dump(grid_cfg, sort_keys=False))
     write_manifest(grid_dir, cells)
 
@@ -154,10 +164,16 @@ def with_earlier(cells: list[Cell], earlier: list[Cell]) -> list[Cell]:
 
 
 def finish(grid_name: str, base, cells: list[Cell], grid_dir: Path, base_metrics: dict | None) -> Path:
+    # Nothing the summary or report is built from changed since they were (a rerun of a finished grid): keep them.
+    key = report_key(grid_dir, plain(base.grid), cells)
+    if is_fresh(grid_dir, key):
+        return grid_dir / "report.md"
     df = build_summary(grid_name, grid_dir, cells, base_metrics)
     write_summary(df, grid_dir)
     write_grid_meta(grid_name, base, cells, grid_dir)
-    return write_report(grid_dir)
+    report = write_report(grid_dir)
+    mark_fresh(grid_dir, key)
+    return report
 
 
 def print_plan(cells: list[Cell], plan: dict[str, str], grid_dir: Path, show_configs: bool) -> None:
@@ -186,13 +202,25 @@ def main(argv: list[str] | None = None) -> int:
         store.check_writable(grid_dir)
         store.check_results_version(grid_dir)
         earlier = (read_manifest(grid_dir) or []) if grid_dir.is_dir() else []
+        spec = tune_spec(base, sorted({c.seed for c in cells}))
+        templates = cells
+        if spec is not None:  # stage 1 is the tuning sweep; the compared cells follow from its outcome
+            cells = tuning_cells(method_templates(templates), spec)
         if base.grid.get("kind", "train") != "fidelity":
             plan = plan_cells(grid_dir, cells, earlier)
         if dry:
             if base.grid.get("kind", "train") == "fidelity":
                 print(OmegaConf.to_yaml(base, resolve=True))
                 return 0
-            print_plan(cells, plan, grid_dir, show_configs=any(a.startswith(("--cfg", "-c")) for a in argv))
+            show = any(a.startswith(("--cfg", "-c")) for a in argv)
+            print_plan(cells, plan, grid_dir, show_configs=show)
+            if spec is not None:
+                if all(plan[c.name] in ("reuse", "skip") for c in cells):
+                    compared = compared_cells(grid_dir, templates, cells, spec)
+                    print_plan(compared, plan_cells(grid_dir, compared, [*earlier, *cells]), grid_dir, show_configs=show)
+                else:
+                    n = sum(t.skip_reason is None for t in templates)
+                    print(f"then {n} cells at each method's chosen setting (known once tuning has run)")
             return 0
         distributed.init()  # accelerate launch / torchrun: join the ranks before any world is built
         if distributed.is_main():
@@ -203,18 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if distributed.active():  # every rank trains each cell together; rank 0 writes (bench/runner/distributed.py)
+        return data_parallel(grid_name, base, templates, cells, earlier, grid_dir, spec)
     valid = [c for c in cells if c.skip_reason is None]
     skipped = [c for c in cells if c.skip_reason is not None]
     every = with_earlier(cells, earlier)
     tasks = [Task("base", valid[0]), *(Task("cell", c) for c in valid)]
-    if distributed.active():  # every rank trains each cell together; rank 0 writes (bench/runner/distributed.py)
-        if distributed.is_main():
-            print(f"data-parallel over {distributed.world_size()} processes; rank 0 writes {grid_dir}", flush=True)
-            write_grid_meta(grid_name, base, every, grid_dir)
-        results = drive(build_launcher(base), tasks, grid_dir)
-        if not distributed.is_main():
-            return 0
-        return summarise(grid_name, base, every, grid_dir, results, len(valid), len(skipped))
     for reason in sorted({c.skip_reason for c in skipped}):
         n = sum(c.skip_reason == reason for c in skipped)
         print(f"skipping {n} cell(s): {reason}")
@@ -224,6 +246,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         write_grid_meta(grid_name, base, every, grid_dir)
         results = drive(build_launcher(base), tasks, grid_dir, poll_s=float(base.launcher.get("poll_s", 10)))
+        if spec is not None:
+            try:
+                compared = compared_cells(grid_dir, templates, cells, spec)
+                plan = plan_cells(grid_dir, compared, every)
+            except UserError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            ok = [c for c in compared if c.skip_reason is None]
+            print(f"{len(ok)} cells at the chosen settings: {sum(plan[c.name] == 'run' for c in ok)} to run, "
+                  f"{sum(plan[c.name] == 'resume' for c in ok)} to resume, {sum(plan[c.name] == 'reuse' for c in ok)} reused")
+            every = with_earlier([*cells, *compared], earlier)
+            write_grid_meta(grid_name, base, every, grid_dir)
+            results.update(drive(build_launcher(base), [Task("cell", c) for c in ok], grid_dir,
+                                 poll_s=float(base.launcher.get("poll_s", 10))))
+            valid, skipped = [*valid, *ok], [*skipped, *(c for c in compared if c.skip_reason is not None)]
         return summarise(grid_name, base, every, grid_dir, results, len(valid), len(skipped))
     except KeyboardInterrupt:
         print(f"interrupted; rerun the same command to resume from the cells' checkpoints ({grid_dir})", file=sys.stderr)
@@ -234,6 +271,43 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {full}", file=sys.stderr)
         return EXIT_DISK_FULL
+
+
+def compared_cells(grid_dir: Path, templates: list[Cell], tune: list[Cell], spec: TuneSpec) -> list[Cell]:
+    """The cells of the comparison, each method at the setting its tuning runs chose (printed)."""
+    chosen = choose(grid_dir, tune, spec)
+    for method, c in chosen.items():
+        print(f"tuned {method}: {setting_label(c.setting)} (mean {spec.select} of {spec.metric} over "
+              f"{len(spec.seeds)} tuning seeds: {max(s[1] for s in c.scores):.3f})")
+    compared = report_cells(method_templates(templates), sorted({c.seed for c in templates}), chosen)
+    made = [c for c in compared if c.skip_reason is None]
+    mark_invalid(made)
+    return compared
+
+
+def data_parallel(grid_name: str, base: DictConfig, templates: list[Cell], cells: list[Cell], earlier: list[Cell],
+                  grid_dir: Path, spec: TuneSpec | None) -> int:
+    """Every rank trains each cell together; rank 0 writes (bench/runner/distributed.py). With grid.tune every
+    rank reads the same finished tuning runs, so all choose the same settings."""
+    valid = [c for c in cells if c.skip_reason is None]
+    every = with_earlier(cells, earlier)
+    if distributed.is_main():
+        print(f"data-parallel over {distributed.world_size()} processes; rank 0 writes {grid_dir}", flush=True)
+        write_grid_meta(grid_name, base, every, grid_dir)
+    results = drive(build_launcher(base), [Task("base", valid[0]), *(Task("cell", c) for c in valid)], grid_dir)
+    n_skipped = len(cells) - len(valid)
+    if spec is not None:
+        distributed.barrier()
+        compared = compared_cells(grid_dir, templates, cells, spec)
+        ok = [c for c in compared if c.skip_reason is None]
+        every = with_earlier([*cells, *compared], earlier)
+        if distributed.is_main():
+            write_grid_meta(grid_name, base, every, grid_dir)
+        results.update(drive(build_launcher(base), [Task("cell", c) for c in ok], grid_dir))
+        valid, n_skipped = [*valid, *ok], n_skipped + len(compared) - len(ok)
+    if not distributed.is_main():
+        return 0
+    return summarise(grid_name, base, every, grid_dir, results, len(valid), n_skipped)
 
 
 def summarise(grid_name: str, base: DictConfig, every: list[Cell], grid_dir: Path, results: dict[str, str],

@@ -25,23 +25,39 @@ def budget_cap(df: pd.DataFrame) -> float:
     return float(runs.groupby("cell").nfe.max().max()) if len(runs) else float("nan")
 
 
-def run_table(df: pd.DataFrame, metric: str, thresholds: list[float]) -> pd.DataFrame:
-    """One row per settled run with eval rows: identity, state, final eval figures, final compute, AUC of the
-    metric over [0, cap] NFE, and per threshold t the NFE to reach it (`nfe@t`, the cap when never) and whether
-    it did (`reached@t`)."""
+def at_budget(g: pd.DataFrame, budget: float | None) -> pd.DataFrame:
+    """A run's eval rows up to the fixed budget: through the first eval at or past `budget` NFE (all rows without
+    one, or for a run that stopped before it)."""
+    if budget is None or not math.isfinite(budget):
+        return g
+    past = np.flatnonzero(g.nfe.to_numpy(float) >= budget)
+    return g.iloc[:past[0] + 1] if len(past) else g
+
+
+def run_table(df: pd.DataFrame, metric: str, thresholds: list[float], budget: float | None = None) -> pd.DataFrame:
+    """One row per settled run with eval rows: identity, state, final eval figures and AUC of the metric read at
+    the fixed `budget` (NFE; default: each run's end), and over the whole run (which budget.until may extend to a
+    cap) per threshold t the NFE to reach it (`nfe@t`, the cap when never) and whether it did (`reached@t`). A run
+    that diverged counts 0 in the AUC from its last eval on: failures count against the method."""
     cap = budget_cap(df)
+    horizon = min(cap, budget) if budget is not None and math.isfinite(budget) else cap
     rows = []
     runs = df[(df.cell != BASE_CELL) & df.state.isin(SETTLED) & df.eval_reward.notna()]
     # Device-seconds have no fixed budget: a run that never got there counts at the longest run's device time.
     cap_s = float(runs.groupby("cell").device_hours.max().max() * 3600) if len(runs) else float("nan")
     for cell, g in runs.groupby("cell"):
         g = g.sort_values("iteration")
-        last = g.iloc[-1]
+        within = at_budget(g, budget)
+        last = within.iloc[-1]
+        x, y = within.nfe.to_numpy(float), within[metric].to_numpy(float) if metric in g else None
+        if y is not None and last.state == "diverged" and len(within) == len(g):
+            x, y = np.append(x, x[-1]), np.append(y, 0.0)
         row = {"method": last.method, "cell": cell, "seed": int(last.seed), "state": last.state,
                "state_text": last.state_text,
-               **{c: last[c] for c in g.columns if c.startswith("eval_") or c.startswith("axis:")},
+               **{c: last[c] for c in g.columns if c.startswith(("eval_", "axis:", "tune:"))},
                "final_nfe": float(last.nfe), "final_device_hours": float(last.device_hours),
-               "auc": learning_curve_auc(g.nfe, g[metric], cap) if metric in g else float("nan")}
+               "end_nfe": float(g.nfe.iloc[-1]),
+               "auc": learning_curve_auc(x, y, horizon) if y is not None else float("nan")}
         y = g[metric] if metric in g else pd.Series(np.nan, index=g.index)  # a world without the metric
         for t in thresholds:
             row[f"nfe@{t:g}"], row[f"reached@{t:g}"] = censored_time(g.nfe, y, t, cap)
@@ -203,22 +219,30 @@ def importance(runs: pd.DataFrame) -> list[tuple[str, tuple[float, float, float]
 
 
 def summary_lines(runs: pd.DataFrame, df: pd.DataFrame, metric: str, thresholds: list[float],
-                  baseline_axes: dict[str, str], contrasts: list[dict] | None = None) -> list[str]:
+                  baseline_axes: dict[str, str], contrasts: list[dict] | None = None,
+                  budget: float | None = None) -> list[str]:
     """The report's opening bullets: one sentence per factor level against the reference level, one per
     requested contrast (grid.report.contrasts: [{axis, levels: [a, b], why}], with device-seconds too), and which
     factor matters most."""
     cap = budget_cap(df)
     lines = [f"- {effect_sentence(e, metric, cap)}" for e in factor_effects(runs, baseline_axes, metric, thresholds)]
     for c in contrasts or []:
-        axis, (a, b) = f"axis:{c['axis']}", c["levels"]
-        if axis in runs and (e := factor_effect(runs, axis, str(a), str(b), metric, thresholds)) is not None:
+        if "methods" in c:  # two methods, paired by seed (e.g. a control that differs in several keys)
+            a, b = map(str, c["methods"])
+            pair = runs[runs.method.isin([a, b])].drop(columns=[k for k in runs.columns if k.startswith("axis:")])
+            pair = pair.assign(**{"axis:method": pair.method})
+            e = factor_effect(pair, "axis:method", a, b, metric, thresholds) if pair.method.nunique() == 2 else None
+        else:
+            axis, (a, b) = f"axis:{c['axis']}", c["levels"]
+            e = factor_effect(runs, axis, str(a), str(b), metric, thresholds) if axis in runs else None
+        if e is not None:
             lines.append(f"- {effect_sentence(e, metric, cap, seconds=True, why=c.get('why', ''))}")
     ranked = importance(runs)
     m = metric.removeprefix("eval_")
     if len(ranked) >= 2:
         (top, v), rest = ranked[0], ranked[1:]
         lines.append(f"- **{top} matters most**: across its levels the area under the {m}-vs-NFE curve (mean {m} over "
-                     f"the {fmt_nfe(cap)}-NFE budget) moves by {_ci(v)}, against "
+                     f"the {fmt_nfe(budget or cap)}-NFE budget) moves by {_ci(v)}, against "
                      + ", ".join(f"{a} {_ci(w)}" for a, w in rest) + " (paired bootstrap over seeds).")
     elif len(ranked) == 1:
         lines.append(f"- One factor varies: **{ranked[0][0]}** moves the {m} AUC by {_ci(ranked[0][1])}.")

@@ -32,6 +32,7 @@ from bench.reporting.stats import (bootstrap_ci, compute_to_threshold, mean_ci, 
                          stratified_bootstrap_ci)
 from bench.reporting.summary import refresh_summary
 from bench.reporting.thresholds import fmt_nfe, thresholds_section
+from bench.reporting.tuning_report import tuning_scores, tuning_section, tuning_summary_line
 from bench.worlds import WORLDS
 from bench.worlds.base import World
 
@@ -57,7 +58,10 @@ def cost_per_iteration(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"method": last.method, "seed": last.seed, "iterations": last.iteration,
                          "s_per_iter": last.wall_s / last.iteration,
                          "device_s_per_iter": last.device_hours * 3600 / last.iteration,
-                         "nfe_per_iter": last.nfe / last.iteration})
+                         "nfe_per_iter": last.nfe / last.iteration,
+                         # optimizer steps per 100k NFE: part of a method's edge can be more updates per NFE
+                         "steps_per_100k": (last.optimizer_steps / last.nfe * 1e5 if "optimizer_steps" in last
+                                            else np.nan)})
 
 
 def fewer_verdict(method: np.ndarray, base: np.ndarray) -> str:
@@ -91,8 +95,9 @@ def cost_section(df: pd.DataFrame, seeds: pd.DataFrame, baseline: str | None) ->
              "(DanceGRPO) per iteration. Methods do different amounts of work per iteration (samples, trained "
              "steps), so the equal-budget comparison is the compute to threshold, tested against the baseline: "
              "'yes' needs the method's CI entirely below the baseline's.", "",
-             f"| method | iterations | seconds / iteration | NFE / iteration | fewer NFEs to threshold than `{baseline}`? | "
-             f"fewer device-seconds to threshold than `{baseline}`? |", "|---|---|---|---|---|---|"]
+             f"| method | iterations | seconds / iteration | NFE / iteration | optimizer steps / 100k NFE | "
+             f"fewer NFEs to threshold than `{baseline}`? | fewer device-seconds to threshold than `{baseline}`? |",
+             "|---|---|---|---|---|---|---|"]
     for method, g in cost.groupby("method", sort=True):
         s = seeds[seeds.method == method]
         if method == baseline or not len(base_seeds):
@@ -101,7 +106,8 @@ def cost_section(df: pd.DataFrame, seeds: pd.DataFrame, baseline: str | None) ->
             nfe_v = fewer_verdict(s.nfe_to_threshold.to_numpy(float), base_seeds.nfe_to_threshold.to_numpy(float))
             hours_v = fewer_verdict(s.hours_to_threshold.to_numpy(float) * 3600, base_seeds.hours_to_threshold.to_numpy(float) * 3600)
         lines.append(f"| {method} | {fmt_ci(*bootstrap_ci(g.iterations), digits=0)} | {fmt_ci(*bootstrap_ci(g.s_per_iter))} | "
-                     f"{fmt_ci(*bootstrap_ci(g.nfe_per_iter), digits=0)} | {nfe_v} | {hours_v} |")
+                     f"{fmt_ci(*bootstrap_ci(g.nfe_per_iter), digits=0)} | "
+                     f"{g.steps_per_100k.mean():.0f} | {nfe_v} | {hours_v} |".replace("| nan |", "| n/a |"))
     return lines
 
 
@@ -138,6 +144,27 @@ def report_thresholds(grid_cfg: dict) -> tuple[str, float, list[float]]:
     return metric, threshold, thresholds
 
 
+def split_stages(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the compared cells and the base model, the tuning sweep's cells): tuning runs never enter a comparison."""
+    tune = df["stage"].eq("tune") if "stage" in df else pd.Series(False, index=df.index)
+    return df[~tune], df[tune]
+
+
+def tuning_runs(tune_df: pd.DataFrame, grid_cfg: dict, metric: str, thresholds: list[float]
+                ) -> tuple[pd.DataFrame, str]:
+    """The tuning runs' table with each run's selection score, and the selection rule (grid.tune.select)."""
+    select = str((grid_cfg.get("tune") or {}).get("select", "auc"))
+    if not len(tune_df):
+        return tune_df, select
+    return tuning_scores(run_table(tune_df, metric, thresholds, budget_of(grid_cfg)), select, metric), select
+
+
+def budget_of(grid_cfg: dict) -> float | None:
+    """The fixed NFE budget final figures and AUCs are read at (None: each run's end)."""
+    b = grid_cfg.get("budget_nfe")
+    return float(b) if b is not None else None
+
+
 def find_baseline(runs: pd.DataFrame, grid_cfg: dict) -> str | None:
     """The method whose axes match the grid's `baseline:` spec, or None."""
     spec = grid_cfg.get("baseline") or {}
@@ -155,7 +182,7 @@ def find_baseline(runs: pd.DataFrame, grid_cfg: dict) -> str | None:
 def grid_context(df: pd.DataFrame, grid_cfg: dict) -> tuple[str, float, pd.DataFrame, str | None]:
     """(report metric, main threshold, per-run table, baseline method or None) of one grid's summary."""
     metric, threshold, thresholds = report_thresholds(grid_cfg)
-    runs = run_table(df, metric, thresholds)
+    runs = run_table(df, metric, thresholds, budget_of(grid_cfg))
     if len(runs):
         # The uncensored compute to the main threshold (nan when never reached), for the cost verdicts.
         runs["nfe_to_threshold"] = np.where(runs[f"reached@{threshold:g}"], runs[f"nfe@{threshold:g}"], np.nan)
@@ -218,6 +245,7 @@ def render_report(df: pd.DataFrame, grid_cfg: dict, title: str, grid_dir: Path |
                   world: type[World] | None = None) -> str:
     """The report's markdown; with grid_dir, also the sample grids and configs it holds."""
     world = world or world_class(df, grid_dir)
+    df, tune_df = split_stages(df)
     metric, threshold, runs, baseline = grid_context(df, grid_cfg)
     _, _, thresholds = report_thresholds(grid_cfg)
     cap = budget_cap(df)
@@ -238,8 +266,11 @@ def render_report(df: pd.DataFrame, grid_cfg: dict, title: str, grid_dir: Path |
             b = runs[runs.method == baseline].iloc[0]
             axes_of_base = {c[5:]: b[c] for c in runs.columns if c.startswith("axis:") and isinstance(b[c], str)}
         out += summary_lines(runs, df, metric, thresholds, axes_of_base,
-                             (grid_cfg.get("report") or {}).get("contrasts"))
+                             (grid_cfg.get("report") or {}).get("contrasts"), budget_of(grid_cfg))
         t_star = headline_threshold(runs, thresholds, runs.method == baseline if baseline else None)
+        tune_runs, select = tuning_runs(tune_df, grid_cfg, metric, thresholds)
+        if (line := tuning_summary_line(tune_runs, runs, select, metric)) is not None:
+            out.append(line)
     else:
         t_star = None
         out.append("- No run has finished yet: nothing to compare.")
@@ -262,9 +293,10 @@ def render_report(df: pd.DataFrame, grid_cfg: dict, title: str, grid_dir: Path |
     out += ["", "![headline: learning curves against NFE](headline.png)", ""]
     if len(runs):
         out += ["## Methods", "",
-                f"Final figures of each method's runs (mean [95% t interval]); AUC: the mean {metric} over the "
-                f"{fmt_nfe(cap)}-NFE budget (area under the learning curve / budget); NFE to the headline threshold "
-                f"{t_star:g} counts runs that never reached it at the cap (>=: a lower bound)." if t_star is not None
+                f"Final figures of each method's runs at the {fmt_nfe(budget_of(grid_cfg) or cap)}-NFE budget (mean [95% t "
+                f"interval]); AUC: the mean {metric} over that budget (area under the learning curve / budget; a "
+                f"diverged run counts 0 from its divergence on); NFE to the headline threshold {t_star:g} counts runs "
+                f"that never reached it at the {fmt_nfe(cap)}-NFE cap (>=: a lower bound)." if t_star is not None
                 else f"Final figures of each method's runs (mean [95% t interval]); AUC: the mean {metric} over the budget.",
                 ""]
         if base is not None:
@@ -275,6 +307,7 @@ def render_report(df: pd.DataFrame, grid_cfg: dict, title: str, grid_dir: Path |
         if (grid_cfg.get("report") or {}).get("device_seconds"):  # e.g. trees: fewer NFE is not fewer seconds
             out += thresholds_section(runs, metric, thresholds, baseline, cap, methods, unit="sec")
         out += collapse_lines
+        out += tuning_section(tune_runs, runs, select, metric, budget_of(grid_cfg))
         out += sensitivity_section(runs, metric)
         out += spread_section(df, runs, metric)
         out += statistics_section(runs[runs.method.isin(methods)], baseline, metric)
@@ -327,8 +360,9 @@ def write_report(grid_dir: Path, refresh: bool = False, html: bool = True) -> Pa
         refresh_summary(grid_dir, name)
         df = pd.read_parquet(grid_dir / "summary.parquet")
     metric, _, thresholds = report_thresholds(grid_cfg)
-    _, _, runs, baseline = grid_context(df, grid_cfg)
-    shown = plotted(df, distinct_methods(df, runs, baseline)[1])
+    compared = split_stages(df)[0]
+    _, _, runs, baseline = grid_context(compared, grid_cfg)
+    shown = plotted(compared, distinct_methods(compared, runs, baseline)[1])
     headline_plot(shown, metric, thresholds, grid_dir / "headline.png", title=f"grid {name}")
     for x in ("nfe", "device_hours"):
         pareto_plot(shown, x, grid_dir / f"pareto_{x}.png", metrics=tuple(dict.fromkeys(["eval_reward", metric, "eval_heldout_accuracy"])),

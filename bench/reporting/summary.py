@@ -20,7 +20,7 @@ import yaml
 from bench.runner import store
 from bench.runner.grid import BASE_CELL, Cell
 
-KEEP = ("iteration", "nfe", "device_hours", "wall_s", "eval_reward", "eval_accuracy", "eval_heldout_accuracy",
+KEEP = ("iteration", "nfe", "optimizer_steps", "device_hours", "wall_s", "eval_reward", "eval_accuracy", "eval_heldout_accuracy",
         "eval_diversity", "eval_nearest_real")
 MANIFEST_FILE = "cells.json"
 IDENTITY_FILE = "identity.json"  # written by the runner beside config.yaml: {"hash", "identity"}
@@ -134,8 +134,9 @@ def build_summary(grid_name: str, grid_dir: Path, cells: list[Cell], base_metric
                      "wall_s": 0.0, **base_metrics})
     configs: dict[str, dict] = {}
     for cell in all_cells(grid_dir, cells):
-        ident = {"grid": grid_name, "cell": cell.name, "method": cell.method, "seed": cell.seed,
-                 **cell.labels, **{f"axis:{k}": str(v) for k, v in cell.axes.items()}}
+        ident = {"grid": grid_name, "cell": cell.name, "method": cell.method, "seed": cell.seed, "stage": cell.stage,
+                 **cell.labels, **{f"axis:{k}": str(v) for k, v in cell.axes.items()},
+                 **{f"tune:{k}": str(v) for k, v in cell.setting.items()}}
         if cell.skip_reason:
             rows.append({**ident, "status": "skipped", "state": "skipped", "state_text": "skipped",
                          "reason": cell.skip_reason})
@@ -156,7 +157,7 @@ def build_summary(grid_name: str, grid_dir: Path, cells: list[Cell], base_metric
     _distinguish(rows, configs)
     df = pd.DataFrame(rows)
     # Every column the report reads exists even when no cell reached an eval (e.g. all failed on missing weights).
-    for col in ("sampler", "estimator", "objective", "reason", "state", "state_text", "last_iteration", *KEEP):
+    for col in ("sampler", "estimator", "objective", "reason", "state", "state_text", "last_iteration", "stage", *KEEP):
         if col not in df:
             df[col] = None
     return df
@@ -171,7 +172,8 @@ def write_summary(df: pd.DataFrame, grid_dir: Path) -> Path:
 
 def _entry(c: Cell) -> dict[str, Any]:
     return {"name": c.name, "method": c.method, "seed": c.seed, "axes": {k: str(v) for k, v in c.axes.items()},
-            "labels": c.labels, "skip_reason": c.skip_reason}
+            "labels": c.labels, "skip_reason": c.skip_reason, "stage": c.stage,
+            "setting": {k: v if isinstance(v, (int, float, bool)) else str(v) for k, v in c.setting.items()}}
 
 
 def write_manifest(grid_dir: Path, cells: list[Cell]) -> Path:
@@ -189,7 +191,8 @@ def read_manifest(grid_dir: Path) -> list[Cell] | None:
     path = Path(grid_dir) / MANIFEST_FILE
     if not path.exists():
         return None
-    return [Cell(d["name"], d["method"], int(d["seed"]), d["axes"], [], None, d.get("skip_reason"), d.get("labels") or {})
+    return [Cell(d["name"], d["method"], int(d["seed"]), d["axes"], [], None, d.get("skip_reason"), d.get("labels") or {},
+                 stage=d.get("stage", "report"), setting=d.get("setting") or {})
             for d in json.loads(path.read_text())]
 
 

@@ -6,12 +6,21 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bench.core.errors import UnknownChoice, UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments"
 GROUPS = ("world", "sampler", "estimator", "objective", "advantage", "grid", "method", "launcher", "logger")
+
+
+def derived_seed(seed: int, stream: int) -> int:
+    """A seed for another random stream of the same run (`${derived_seed:${seed},1234}` in a config): distinct
+    per (seed, stream) and far from the run's own generator, whose first draws it would otherwise repeat."""
+    return (int(seed) * 1_000_003 + int(stream) * 7919 + 12345) % 2**31
+
+
+OmegaConf.register_new_resolver("derived_seed", derived_seed, replace=True)
 
 
 def group_options(group: str) -> list[str]:

@@ -1,6 +1,8 @@
 """Grid expansion: axes x seeds -> cells, each a resolved config, with invalid combinations skipped."""
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -30,6 +32,13 @@ class Cell:
     labels: dict[str, str] = field(default_factory=dict)  # sampler/estimator/objective names
     hash: str = ""                 # of its resolved config minus non-semantic keys (bench.runner.resolve.cell_hash)
     inapplicable: dict[str, list[str]] = field(default_factory=dict)  # keys of other group members, left out
+    stage: str = "report"          # "tune": a run of the tuning sweep (grid.tune), not part of the comparison
+    setting: dict[str, Any] = field(default_factory=dict)  # the tuned keys' values this cell runs with
+
+    @property
+    def template(self) -> list[str]:
+        """Its overrides without the seed: what every seed of its method shares."""
+        return [o for o in self.overrides if not o.startswith("seed=")]
 
 
 def _label(axis: str, value: Any) -> str:
@@ -73,6 +82,7 @@ def expand_grid(grid_name: str, user_overrides: list[str]) -> tuple[DictConfig, 
     """Compose `grid=<name>` with the user's overrides and expand its axes x seeds (a command-line sweep
     `key=a,b` adds or replaces an axis)."""
     check_group_choice("grid", grid_name)
+    _composed.cache_clear()
     user_overrides, sweeps = split_sweeps(user_overrides)
     for key, values in sweeps.items():
         for v in values:
@@ -93,11 +103,12 @@ def expand_grid(grid_name: str, user_overrides: list[str]) -> tuple[DictConfig, 
             if axis in GROUPS:
                 check_group_choice(axis, str(v))
     # An override of an axis on the command line restricts that axis to the given value.
-    rest = []
+    rest, restricted = [], {}
     for item in user_overrides:
         key, value = split_override(item)
         if key in axes:
             axes[key] = [value]
+            restricted[key] = value
         else:
             rest.append(item)
     # A method preset chosen on the command line fixes its own components: a grid axis over them would put the
@@ -116,24 +127,59 @@ def expand_grid(grid_name: str, user_overrides: list[str]) -> tuple[DictConfig, 
             raise UserError(f"seed={seed_override[-1]}: not an integer; valid: an integer") from None
     if "seed" in axes:
         raise UserError("seed: is not an axis; valid: grid.seeds=[...] for several seeds")
+    points = [dict(zip(axes.keys(), combo)) for combo in itertools.product(*axes.values())]
+    points += [p for p in extra_points(base, axes)
+               if all(str(p.get(k)) == v for k, v in restricted.items() if p.get(k) is not None)]
     cells = []
-    for combo in itertools.product(*axes.values()):
-        point = dict(zip(axes.keys(), combo))
+    for point in points:
+        point = {a: v for a, v in point.items() if v is not None}
         method = "-".join(_label(a, v) for a, v in point.items()) or "default"
         for seed in seeds:
-            overrides = [f"grid={grid_name}", *rest, *(f"{a}={v}" for a, v in point.items()), f"seed={seed}"]
-            dropped: dict[str, list[str]] = {}
-            cfg = resolve_cell(compose_config(overrides), dropped)
-            cells.append(Cell(f"{method}-seed{seed}", method, seed, point, overrides, cfg, hash=cell_hash(cfg),
-                              inapplicable=dropped,
-                              labels={**{g: str(cfg[g].name) for g in ("sampler", "estimator", "objective") if g in cfg},
-                                      # the method/ recipe, even when chosen outside the axes
-                                      **({"preset": str(cfg.preset)} if cfg.get("preset") else {})}))
+            cells.append(make_cell(method, seed, point, [f"grid={grid_name}", *rest, *(f"{a}={v}" for a, v in point.items())]))
     # Where and how cells run is the same for every cell: the base config carries the checked sections.
     OmegaConf.set_struct(base, False)
     for section in ("launcher", "logger", "train", "budget", "lock"):
         base[section] = cells[0].cfg[section] if cells else base.get(section)
     return base, cells
+
+
+@functools.lru_cache(maxsize=256)
+def _composed(template: tuple[str, ...]) -> DictConfig:
+    """The composed config of `template` (without a seed; never modified: callers copy it): one Hydra composition
+    per method, shared by its seeds (a seed is a plain value, so `seed=N` as an override and as a key set
+    afterwards give the same config). Cleared by every expand_grid, so edited YAML files are read again."""
+    return compose_config(list(template))
+
+
+def make_cell(method: str, seed: int, point: dict[str, Any], template: list[str], stage: str = "report",
+              setting: dict[str, Any] | None = None, name: str | None = None) -> Cell:
+    """One cell: `template` overrides (grid, axes, settings) plus the seed, composed and resolved."""
+    overrides = [*template, f"seed={seed}"]
+    dropped: dict[str, list[str]] = {}
+    composed = copy.deepcopy(_composed(tuple(template)))
+    composed.seed = int(seed)
+    cfg = resolve_cell(composed, dropped)
+    return Cell(name or f"{method}-seed{seed}", method, seed, point, overrides, cfg, hash=cell_hash(cfg),
+                inapplicable=dropped, stage=stage, setting=dict(setting or {}),
+                labels={**{g: str(cfg[g].name) for g in ("sampler", "estimator", "objective") if g in cfg},
+                        # the method/ recipe, even when chosen outside the axes
+                        **({"preset": str(cfg.preset)} if cfg.get("preset") else {})})
+
+
+def extra_points(base: DictConfig, axes: dict[str, list]) -> list[dict[str, Any]]:
+    """grid.extra: methods beside the axes' product (e.g. a control with other settings), each a mapping of axis
+    values and further keys; an axis it does not name is left out of its label."""
+    out = []
+    for i, spec in enumerate(base.grid.get("extra") or []):
+        if not hasattr(spec, "items") or not spec:
+            raise UserError(f"grid.extra[{i}]={spec}: not a mapping; valid: a list of {{key: value}} mappings")
+        point = {a: None for a in axes}
+        point.update({str(k): v for k, v in spec.items()})
+        for key, value in point.items():
+            if key in GROUPS and value is not None:
+                check_group_choice(key, str(value))
+        out.append(point)
+    return out
 
 
 def unused_keys(cells: list[Cell]) -> dict[str, list[str]]:

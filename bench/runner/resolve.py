@@ -102,11 +102,29 @@ def resolve_cell(cfg: DictConfig | dict, inapplicable: dict[str, list[str]] | No
         out[section] = resolve(options, d.get(section), section, extra=())
     if not any(out["budget"][k] is not None for k in ("nfe", "device_hours", "iterations")):
         raise UserError("budget: none set; valid: one of budget.nfe, budget.device_hours, budget.iterations")
+    check_until(out["budget"], out["world"]["name"])
     out["launcher"] = _named("launcher", d.get("launcher"), LAUNCHER_OPTIONS)
     out["logger"] = _named("logger", d.get("logger"), LOGGER_OPTIONS)
     if d.get("grid") is not None:
         out["grid"] = d["grid"]
     return OmegaConf.create(out)
+
+
+def check_until(budget: dict[str, Any], world_name: str) -> None:
+    """budget.until extends a run past budget.nfe: it needs that budget, a cap above it and a metric of the world."""
+    until = budget.get("until")
+    if until is None:
+        return
+    if budget.get("nfe") is None:
+        raise UserError("budget.until needs budget.nfe (the fixed budget the final figures are read at); "
+                        f"valid: budget.nfe=N with budget.until.cap_nfe > N")
+    if int(until["cap_nfe"]) <= int(budget["nfe"]):
+        raise UserError(f"budget.until.cap_nfe={until['cap_nfe']}: not above budget.nfe={budget['nfe']}; "
+                        "valid: a cap above the budget")
+    metrics = getattr(WORLDS.get(world_name), "EVAL_METRICS", {})
+    if metrics and until["metric"] not in metrics:
+        raise UserError(f"budget.until.metric={until['metric']}: not an eval metric of world '{world_name}'; "
+                        f"valid: {', '.join(metrics)}")
 
 
 def _named(group: str, section: Any, options: dict[str, dict[str, Option]]) -> dict[str, Any]:
