@@ -1,10 +1,12 @@
-"""`python -m bench.perf NAME [overrides]`: benchmarks that print figures and ratios (one module each: bench/perf/NAME.py)."""
+"""`python -m bench.perf [NAME] [overrides]`: benchmarks that print figures and ratios (one module each: bench/perf/NAME.py);
+without a name (or with options only) it runs `methods`, the per-preset iteration cost on digits and sd3 tiny."""
 from __future__ import annotations
 
 import importlib
 import pkgutil
 import sys
 
+DEFAULT = "methods"
 
 
 def available() -> list[str]:
@@ -13,7 +15,9 @@ def available() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in available():
+    if not argv or argv[0].startswith("-"):
+        argv = [DEFAULT, *argv]
+    if argv[0] not in available():
         given = argv[0] if argv else "(none)"
         print(f"error: unknown benchmark '{given}'; valid: {', '.join(available())}", file=sys.stderr)
         return 2

@@ -27,13 +27,22 @@ def _num(v: float, signed: bool = False) -> str:
     return ("+" if signed and v >= 0 else "") + text
 
 
-def _paired_means(cells: dict[tuple, pd.Series], seed: int) -> tuple[dict[tuple, float], dict[tuple, np.ndarray]]:
+def _seed_means(values: pd.DataFrame, by: list[str]) -> dict[tuple, dict]:
+    """Per combination of the `by` columns (sorted): {seed: mean value of its rows}, from one groupby (a groupby
+    per cell cost most of the report's bootstrap time)."""
+    out: dict[tuple, dict] = {}
+    for key, v in values.groupby([*by, "seed"], sort=True).value.mean().items():
+        out.setdefault(tuple(key[:-1]), {})[key[-1]] = v
+    return out
+
+
+def _paired_means(cells: dict[tuple, dict], seed: int) -> tuple[dict[tuple, float], dict[tuple, np.ndarray]]:
     """Per cell: the mean over its seeds, and N_BOOT bootstrap means in which every cell draws the same seeds.
     Seeds are shared across the cells of a grid (the same seed gives the same base model, eval noise and
     initial random stream), so they are resampled jointly: two cells that are bit-identical seed for seed stay
     identical in every replicate, where resampling each cell on its own would invent a spread between them. A
     replicate that draws none of a cell's seeds (a cell missing a failed seed) uses that cell's full mean."""
-    seeds = sorted({s for v in cells.values() for s in v.index})
+    seeds = sorted({s for v in cells.values() for s in v})
     rng = np.random.default_rng(seed)
     idx = rng.integers(len(seeds), size=(N_BOOT, len(seeds)))
     point, boot = {}, {}
@@ -69,7 +78,7 @@ def factor_spread(values: pd.DataFrame, axis_x: str, axis_y: str, seed: int = 0)
         values = values.assign(seed=values.groupby([axis_x, axis_y]).cumcount())
     xs = sorted(values[axis_x].unique())
     ys = sorted(values[axis_y].unique())
-    cells = {(x, y): g.groupby("seed").value.mean() for (x, y), g in values.groupby([axis_x, axis_y])}
+    cells = _seed_means(values, [axis_x, axis_y])
     # Balanced support, so neither range covers more levels: drop, one at a time, the level missing from the
     # largest share of the other axis's levels (an objective skipped under one of two estimators goes first).
     while True:
@@ -117,7 +126,7 @@ def axis_contrast(values: pd.DataFrame, axis: str, strata: list[str], seed: int 
     groups = values.groupby(strata, sort=True) if strata else [((), values)]
     pts, reps = [], []
     for _, g in groups:
-        cells = {(k,): h.groupby("seed").value.mean() for k, h in g.dropna(subset=["value"]).groupby(axis)}
+        cells = _seed_means(g.dropna(subset=["value"]), [axis])
         if len(cells) < 2:
             continue
         point, boot = _paired_means(cells, seed)
@@ -136,7 +145,7 @@ def _within(values: pd.DataFrame, axis: str, other: str, seed: int = 0) -> list[
     remaining axes), with a paired-bootstrap CI."""
     rows = []
     for level, g in values.groupby(other, sort=True):
-        cells = {(k,): h.groupby("seed").value.mean() for k, h in g.groupby(axis)}
+        cells = _seed_means(g, [axis])
         if len(cells) < 2:
             continue
         point, boot = _paired_means(cells, seed)

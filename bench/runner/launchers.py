@@ -10,6 +10,7 @@ unit's lock, so runners and jobs that overlap never run a cell twice.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import sys
 import time
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from bench.runner import distributed, lifeline, store
 from bench.core.errors import UserError
+from bench.core.threads import cap_threads
 from bench.runner.execute import SETTLED, Task, base_metrics_path, make_lock, run_task, task_dir
 
 LAUNCHERS = ("local", "parallel", "slurm")
@@ -69,16 +71,30 @@ class LocalLauncher:
         return out
 
 
-def _init_worker(threads: int, runner: int) -> None:
-    # A worker dies with its runner: a runner killed with SIGKILL must not leave workers taking queued cells.
-    lifeline.die_with_parent(runner)
-    # Each worker gets cores // workers threads for torch and for numpy's BLAS (the judges), so workers x threads
-    # never exceeds the cores: oversubscribed OpenMP pools spin and slow every worker down.
-    import torch
-    from threadpoolctl import threadpool_limits
+# What the fork server imports once for every worker (ImportError: skipped): the bench, torch, the torch._dynamo
+# that torch.optim imports on a first optimizer (1-2 s), scikit-learn's judge models. A spawned worker paid ~5 s
+# of imports each, on the cores the cells need.
+PRELOAD = ("bench.runner.execute", "torch._dynamo", "sklearn.neural_network", "sklearn.svm")
 
-    torch.set_num_threads(threads)
-    threadpool_limits(threads)
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """forkserver where the platform has it (Linux, macOS), preloading PRELOAD; spawn elsewhere. Never plain fork:
+    the runner's threads (lock heartbeats, lifeline) and torch's pools do not survive a fork."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(list(PRELOAD))
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def _init_worker(threads: int, runner: int) -> None:
+    # A worker dies with its runner: a runner killed with SIGKILL must not leave workers taking queued cells
+    # (forked by the fork server, its parent is the server, which itself dies with the runner).
+    lifeline.die_with(runner)
+    # Each worker gets cores // workers threads for torch, numpy's BLAS (the judges) and OpenMP, so workers x threads
+    # never exceeds the cores: oversubscribed pools spin and slow every worker down. A world with its own
+    # `threads` caps the same pools to that (bench/worlds/base.py), in every launcher.
+    cap_threads(threads)
 
 
 def _stop(workers: list[multiprocessing.process.BaseProcess], grace_s: float = 10.0) -> None:
@@ -101,18 +117,22 @@ class ParallelLauncher:
         self.threads = int(threads) if threads else max(1, available_cores() // self.workers)
 
     def run(self, tasks: list[Task], grid_dir: Path) -> dict[str, str]:
+        cells = [t for t in tasks if t.kind != "base"]
+        lifeline.hold_on_children()  # the fork server and workers die with this runner from their `import bench` on
+        ctx = worker_context()
+        if cells and ctx.get_start_method() == "forkserver":
+            # Started now, the server imports PRELOAD on one core while the base eval below runs on the other.
+            multiprocessing.forkserver.ensure_running()
         # The base eval first, here: it builds the shared caches (pretrained model, judges) once, before the
         # workers would each build them.
         out = {t.name: _guarded(t, grid_dir) for t in tasks if t.kind == "base"}
-        cells = [t for t in tasks if t.kind != "base"]
         if not cells:
             return out
         workers = min(self.workers, len(cells))
         print(f"launcher=parallel: {len(cells)} cell(s) on {workers} worker(s) x {self.threads} thread(s)", flush=True)
         start = time.perf_counter()
-        lifeline.hold_on_children()  # the workers die with this runner from their first `import bench` on
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(self.threads, os.getpid()))
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(self.threads, os.getpid()))
         try:
             futures = {pool.submit(_guarded, t, grid_dir, 1 + i % workers): t for i, t in enumerate(cells)}
             for k, f in enumerate(as_completed(futures), 1):

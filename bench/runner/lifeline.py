@@ -63,6 +63,28 @@ def die_with_parent(parent: int | None = None, poll_s: float = POLL_S) -> None:
     _watched = parent
 
 
+def _watch_pid(pid: int, parent: int, poll_s: float) -> None:
+    while True:
+        if not _alive(pid) or os.getppid() != parent:
+            _kill_self()
+        threading.Event().wait(poll_s)
+
+
+def die_with(pid: int, poll_s: float = POLL_S) -> None:
+    """Make this process die (SIGKILL) as soon as its parent or process `pid` (an ancestor further up: the runner
+    of a worker forked by a fork server) does: PR_SET_PDEATHSIG covers the parent, a watcher thread `pid`."""
+    global _watched
+    if pid == os.getppid():
+        die_with_parent(pid, poll_s)
+        return
+    parent = os.getppid()
+    _set_pdeathsig()
+    if os.getppid() != parent or not _alive(pid):  # either died before the line above took effect
+        _kill_self()
+    threading.Thread(target=_watch_pid, args=(pid, parent, poll_s), name="lifeline", daemon=True).start()
+    _watched = pid
+
+
 def hold_on_children(env: dict[str, str] | None = None) -> None:
     """Ask the processes this one starts to die with it from their first `import bench` on (see join()): a worker
     spends seconds importing torch before any code of ours runs, and a runner killed then would leave it."""

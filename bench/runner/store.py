@@ -236,10 +236,11 @@ def _drop_torn_tail(fd: int) -> None:
     os.ftruncate(fd, 0)
 
 
-def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line with a single write(2) on an O_APPEND descriptor, then fsync: the line is on disk
-    when this returns, and a crash loses at most the line in flight (left torn, without its newline, and cut by
-    the next append)."""
+def append_jsonl(path: Path, row: dict[str, Any], sync: bool = True) -> None:
+    """Append one JSON line with a single write(2) on an O_APPEND descriptor, then (`sync`) fsync: the line is on
+    disk when this returns, and a crash loses at most the line in flight (left torn, without its newline, and cut
+    by the next append). Without `sync` a killed process still loses nothing written (the kernel holds it); only
+    a machine crash can lose the lines since the last fsync."""
     data = (json.dumps({k: _clean(v) for k, v in row.items()}) + "\n").encode()
     with naming_full_disk(path):
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
@@ -248,7 +249,8 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -273,8 +275,10 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def append_metrics(cell_dir: Path, row: dict[str, Any]) -> None:
-    """One JSON line per iteration, written and fsynced before the iteration's checkpoint."""
-    append_jsonl(Path(cell_dir) / METRICS_FILE, row)
+    """One JSON line per iteration, written before the iteration's checkpoint; not fsynced (a syscall that stalls
+    the loop for milliseconds): every checkpoint holds the rows up to its iteration and is fsynced, and a resume
+    rewrites metrics.jsonl from it, so a machine crash loses no row the resumed cell does not recompute."""
+    append_jsonl(Path(cell_dir) / METRICS_FILE, row, sync=False)
 
 
 def read_metrics(cell_dir: Path) -> list[dict[str, Any]]:
