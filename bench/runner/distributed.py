@@ -2,16 +2,21 @@
 
 One cell runs on every rank at once. Each rank draws its own share of the iteration's prompts (P / world size,
 from its own random stream), so every prompt's group lives on one rank and group advantages are exact; LoRA
-gradients are averaged across ranks inside the backward pass (a post-accumulate hook per parameter, so gradient
-clipping sees the averaged gradient, as under DDP); model-evaluation counts are summed and wall time is the
+gradients are averaged across ranks inside the backward pass by torch's DistributedDataParallel (bucketed
+all-reduces that overlap the backward, DIFFRL_DDP_BUCKET_MB per bucket; gradient clipping sees the averaged
+gradient), the trainable parameters only (the frozen base is the same file on every rank, never broadcast); the
+process group times out after DIFFRL_DDP_TIMEOUT_S seconds (a rank that died or hangs stops the launch instead of
+holding the others forever); model-evaluation counts are summed and wall time is the
 slowest rank's, so NFE is global and device-hours = wall x world size. Rank 0 is the one writer: it evaluates,
 writes metrics, samples, checkpoints, status and the grid report; the other ranks keep their own checkpoint (their
 random stream) under <cell>/.rank<r>/ so a resumed cell continues every stream.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,10 @@ from bench.core.errors import UserError
 from bench.core.meter import ComputeMeter
 
 _STATE: bool | None = None
+# Environment, not config: these shape how ranks talk, not what a cell computes (its hash), and every rank started
+# by `accelerate launch` / torchrun inherits them.
+BUCKET_MB = float(os.environ.get("DIFFRL_DDP_BUCKET_MB", "25"))      # DDP's own default bucket size
+TIMEOUT_S = float(os.environ.get("DIFFRL_DDP_TIMEOUT_S", "1800"))   # torch's default for NCCL is 10 min
 
 
 def _env_world_size() -> int:
@@ -44,7 +53,8 @@ def init() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=timedelta(seconds=TIMEOUT_S))
     _STATE = True
 
 
@@ -172,30 +182,42 @@ class RankWorld:
         return broadcast_object(metrics)
 
 
-def _average_grad(param: torch.Tensor) -> None:
-    import torch.distributed as dist
-
-    g = param.grad.to(_comm_device())
-    dist.all_reduce(g)
-    param.grad.copy_(g / world_size())
-
-
-def _broadcast_from_main(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    x = t.detach().to(_comm_device()).clone()
-    dist.broadcast(x, src=0)
-    return x.to(t.device)
+def _own(policy: Any, params: dict[str, torch.Tensor]) -> bool:
+    """True while the policy holds its own trainable parameters (not weights swapped in by functional_call)."""
+    return all(functools.reduce(getattr, n.split("."), policy) is p for n, p in params.items())
 
 
 def wrap(world: Any, policy: Any) -> tuple[Any, Any]:
-    """(world, policy) for this rank: rank 0's start weights, gradients averaged over ranks; unchanged in one process."""
+    """(world, policy) for this rank: rank 0's start weights, gradients averaged over ranks; unchanged in one process.
+
+    The policy is wrapped in DistributedDataParallel (which broadcasts rank 0's trainable weights) and its
+    `velocity` rerouted through the wrapper whenever a backward may follow (grad enabled, the policy's own weights):
+    the loop keeps calling the policy as before, and DDP's reducer sees every forward it must sync. Rollouts,
+    evaluation and forwards under other weights (old policy, EMA, reference: functional_call) bypass it."""
     if not active():
         return world, policy
-    for p in policy.trainable_named_parameters().values():
-        with torch.no_grad():
-            p.copy_(_broadcast_from_main(p))
-        p.register_post_accumulate_grad_hook(_average_grad)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    init()
+    params = dict(policy.trainable_named_parameters())
+    frozen = [n for n, _ in policy.named_parameters() if n not in params] + [n for n, _ in policy.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(policy, frozen)
+    device = next(iter(params.values())).device
+    ddp = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+              bucket_cap_mb=BUCKET_MB, find_unused_parameters=False)
+    direct = policy.velocity  # the class's own method, bound
+    inside = [False]
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        if inside[0] or not torch.is_grad_enabled() or not _own(policy, params):
+            return direct(x, t, cond)
+        inside[0] = True  # DDP's forward calls policy.forward -> self.velocity: the direct one this time
+        try:
+            return ddp(x, t, cond)
+        finally:
+            inside[0] = False
+
+    policy.velocity = velocity  # an instance attribute: shadows the method for every caller
     return RankWorld(world), policy
 
 

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig
 
-from bench.runner import distributed, lifeline, store
+from bench.runner import base_eval, distributed, lifeline, store
 from bench.runner.components import build_world
 from bench.core.errors import Diverged
 from bench.runner.grid import BASE_CELL, Cell, resolved_yaml
@@ -95,10 +95,12 @@ def _evaluate_base_once(cell: Cell, grid_dir: Path) -> str:
         store.remove_stale_temps(folder)
         world = build_world(cell.cfg)
         meter = ComputeMeter(device=world.device)
-        with meter.phase("eval"):
-            metrics = world.evaluate(PolicyCall(world.build_policy(), meter), folder, "base")
+        policy = world.build_policy()
+        with meter.phase("eval"), base_eval.neutrality() as rng:
+            metrics = world.evaluate(PolicyCall(policy, meter), folder, "base")
         if lock.lost:
             return "lost"
+        base_eval.write_key(folder, cell.cfg, rng["neutral"])  # what lets cells reuse it as their iteration 0
         store.atomic_write_text(base_metrics_path(grid_dir), json.dumps(metrics, indent=1))
         store.write_status(folder, "done")
         return "done"
@@ -182,8 +184,12 @@ def run_cell(cell: Cell, grid_dir: Path, position: int = 1, held: bool = False) 
             store.write_status(cell_dir, "running", processes=distributed.world_size())
         distributed.sync_rank_checkpoint(cell_dir)
         logger = open_logger(cell.cfg, cell_dir, cell.name, cell.method) if main else None
+        # Every rank takes rank 0's answer, so all evaluate at iteration 0 or none does.
+        base = distributed.broadcast_object(base_eval.reusable_base_eval(
+            cell.cfg, Path(grid_dir) / BASE_CELL, base_metrics_path(grid_dir)) if main else None)
         try:
-            train_cell(cell.cfg, distributed.rank_cell_dir(cell_dir), position, on_row=logger.log if logger else None)
+            train_cell(cell.cfg, distributed.rank_cell_dir(cell_dir), position, on_row=logger.log if logger else None,
+                       base_eval=base)
         except Diverged as e:  # a result of the benchmark: which quantity went non-finite, and when
             if lock.lost:
                 return "lost"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 
+import shutil
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -288,9 +289,10 @@ def resume(s: CellState, ckpt: dict[str, Any]) -> int:
 
 
 def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1,
-               on_row: Callable[[dict], None] | None = None) -> None:
+               on_row: Callable[[dict], None] | None = None, base_eval: dict[str, Any] | None = None) -> None:
     """Run (or resume) one cell until its budget; writes metrics.jsonl, eval PNGs, checkpoints; `on_row` sees each
-    metrics row once it is on disk (experiment trackers)."""
+    metrics row once it is on disk (experiment trackers). `base_eval` ({"metrics", "samples"}: the grid's base-model
+    eval of the same world, bench.runner.base_eval.reusable_base_eval) is iteration 0's eval instead of running it."""
     cell_dir = Path(cell_dir)
     cell_dir.mkdir(parents=True, exist_ok=True)
     s = build_state(cfg)
@@ -302,9 +304,15 @@ def train_cell(cfg: DictConfig, cell_dir: Path, position: int = 1,
         store.restore_metrics(cell_dir, ckpt)  # its rows: a torn or truncated metrics.jsonl loses none
     else:
         (cell_dir / store.METRICS_FILE).unlink(missing_ok=True)
-        with s.meter.phase("eval"):
-            row = {"iteration": 0, "nfe": 0, "device_hours": 0.0, "wall_s": 0.0,
-                   **s.world.evaluate(eval_model(s), cell_dir / "samples", "0000")}
+        if base_eval is not None:  # the untrained policy is the base model: its figures (and sheets) are the grid's
+            row = {"iteration": 0, "nfe": 0, "device_hours": 0.0, "wall_s": 0.0, **base_eval["metrics"]}
+            for sheet in base_eval.get("samples", []):
+                (cell_dir / "samples").mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(sheet, cell_dir / "samples" / Path(sheet).name.replace("_base.", "_0000."))
+        else:
+            with s.meter.phase("eval"):
+                row = {"iteration": 0, "nfe": 0, "device_hours": 0.0, "wall_s": 0.0,
+                       **s.world.evaluate(eval_model(s), cell_dir / "samples", "0000")}
         store.append_metrics(cell_dir, row)
         if on_row is not None:
             on_row(row)
