@@ -90,12 +90,33 @@ def prepare(argv: list[str], dry: bool = False) -> tuple[str, DictConfig, list[C
 
 def _shared(ident: dict, axes: set[str]) -> dict:
     """A cell identity without its axis keys and seed: what every cell of one grid folder has in common."""
-    out = {k: v for k, v in ident.items() if k not in axes and k != "seed"}
-    for axis in axes:
-        head, _, tail = axis.partition(".")
-        if tail and isinstance(out.get(head), dict):
-            out[head] = {k: v for k, v in out[head].items() if k != tail}
-    return out
+    def strip(d: dict, keys: set[str]) -> dict:
+        out = {}
+        for k, v in d.items():
+            if k in keys:
+                continue
+            inner = {key.split(".", 1)[1] for key in keys if "." in key and key.split(".", 1)[0] == k}
+            out[k] = strip(v, inner) if inner and isinstance(v, dict) else v
+        return out
+    return strip(ident, {*axes, "seed"})
+
+
+def _seed_dependent(cells: list[Cell]) -> set[str]:
+    """Dotted keys whose resolved values differ between seeds of one method (`${derived_seed:${seed},1}`)."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    by_method: dict[str, dict] = {}
+    keys: set[str] = set()
+    for c in cells:
+        if c.cfg is None or c.skip_reason is not None:
+            continue
+        mine = flat(identity(c.cfg))
+        first = by_method.setdefault(c.method, mine)
+        keys |= {k for k in set(first) | set(mine) if k != "seed" and first.get(k) != mine.get(k)}
+    return keys
 
 
 def plan_cells(grid_dir: Path, cells: list[Cell], earlier: list[Cell]) -> dict[str, str]:
@@ -121,6 +142,7 @@ def plan_cells(grid_dir: Path, cells: list[Cell], earlier: list[Cell]) -> dict[s
     axes = {a for c in [*cells, *earlier] for a in [*c.axes, *c.setting] if a != "of"}
     if any(c.stage == "tune" for c in [*cells, *earlier]):
         axes.add("budget.until")
+    axes |= _seed_dependent(cells)
     mine = _shared(identity(valid[0].cfg), axes)
     for old in earlier:
         stored = read_identity(grid_dir / old.name) if old.name not in names else None
