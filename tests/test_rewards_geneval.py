@@ -118,5 +118,5 @@ def test_missing_detector_colour_model_and_extras(tmp_path, monkeypatch):
         GenEval(colour, {"detector": {"tiny": True}})
     assert GenEval(colour, {"detector": {"tiny": True}, "color_tiny": True}).color is not None
     if importlib.util.find_spec("mmdet") is None:
-        with pytest.raises(UserError, match=r"needs the optional package 'mmdet.*pip install 'diffrl-bench\[geneval\]'"):
+        with pytest.raises(UserError, match=r"needs the optional package 'mmdet.*docs/sd3.md, \"GenEval's detector\""):
             GenEval(_World(), {"detector": {"backend": "mmdet", "config_path": "c.py", "checkpoint_path": "c.pth"}})

@@ -92,6 +92,15 @@ def clip_paths(cfg: Mapping[str, Any], reward: str, what: str) -> tuple[Path, Pa
     return model_path, proc_path
 
 
+# Optional packages that no pip extra can install (they compile against the installed torch): where the steps are.
+MANUAL_INSTALLS = {"geneval": "the steps in docs/sd3.md, \"GenEval's detector\" (mmdet 2.x, mmcv-full 1.7.2)"}
+
+
+def install_hint(extra: str) -> str:
+    """How to install an optional extra: its pip command, or where its manual steps are."""
+    return MANUAL_INSTALLS.get(extra, f"pip install 'diffrl-bench[{extra}]'")
+
+
 def require_module(module: str, reward: str, package: str, extra: str = "gpu-rewards") -> None:
     """UserError naming the install command if `module`'s top-level package is not installed (nothing imported:
     a preflight check that optional_import will succeed)."""
@@ -99,7 +108,7 @@ def require_module(module: str, reward: str, package: str, extra: str = "gpu-rew
 
     if importlib.util.find_spec(module.split(".")[0]) is None:
         raise UserError(f"reward '{reward}' needs the optional package '{package}' (module {module} is not installed); "
-                        f"install it with: pip install 'diffrl-bench[{extra}]'")
+                        f"install it with: {install_hint(extra)}")
 
 
 def _processor_config(path: Path) -> dict[str, Any]:
@@ -182,4 +191,4 @@ def optional_import(module: str, reward: str, package: str, extra: str = "gpu-re
         return importlib.import_module(module)
     except ImportError as e:
         raise UserError(f"reward '{reward}' needs the optional package '{package}' (import {module} failed: {e}); "
-                        f"install it with: pip install 'diffrl-bench[{extra}]'") from e
+                        f"install it with: {install_hint(extra)}") from e
