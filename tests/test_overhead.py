@@ -207,3 +207,22 @@ def test_perf_methods_prints_a_row_per_preset(capsys):
         assert 0 <= float(outside.rstrip("%")) <= 100 and float(floor) > 0
     # flow_grpo at 2 prompts x 4: 10 rollout steps x 8 samples + 9 trained steps x 8 samples x 3 (forward+backward)
     assert rows[1].split("|")[3].strip() == str(10 * 8 + 9 * 8 * 3)
+
+
+def test_tree_share_from_a_summary(tmp_path: Path, capsys):
+    from bench.perf import tree_share
+
+    # Two seeds; eval rows every 1000 NFE. tree reaches 0.8 at 1000 NFE / 2 s (seed 0) and 2000 / 4 s (seed 1);
+    # flow at 4000 / 4 s and 6000 / 6 s: NFE speed-ups 4 and 3, wall speed-ups 2 and 1.5, share 1.75 / 3.5 = 0.5.
+    rows = []
+    for seed, tree, flow in ((0, (1, 2.0), (4, 4.0)), (1, (2, 4.0), (6, 6.0))):
+        for method, (k, wall) in (("tree_grpo", tree), ("flow_grpo", flow)):
+            for i in range(1, 8):
+                rows.append({"method": method, "seed": seed, "iteration": i, "nfe": 1000 * i,
+                             "wall_s": wall * i / k, "eval_accuracy": 0.9 if i >= k else 0.1})
+    pd.DataFrame(rows).to_parquet(tmp_path / "summary.parquet")
+    assert perf_main(["tree_share", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 0 | 4.00x | 2.00x | 0.50 |" in out and "| 1 | 3.00x | 1.50x | 0.50 |" in out
+    assert "share of the NFE saving: 0.50 [95% CI 0.50, 0.50] over 2 seeds" in out
+    assert perf_main(["tree_share", str(tmp_path), "--method", "nope"]) == 2
