@@ -70,16 +70,20 @@ def test_propagate_up_matches_per_parent_loop(k, d, s, alpha, per_dim):
 
 def test_cap_threads_limits_torch_blas_openmp_and_environment(monkeypatch):
     import numpy  # noqa: F401  (its BLAS is the pool that spun)
+    import sklearn.neural_network  # noqa: F401  (loads scikit-learn's own OpenMP runtime)
 
     before = torch.get_num_threads()
     for var in threads.ENV_VARS:
         monkeypatch.setenv(var, os.environ.get(var, ""))
     try:
-        threads.cap_threads(1)
-        assert torch.get_num_threads() == 1 and threads.current_cap() == 1
-        assert all(os.environ[v] == "1" for v in threads.ENV_VARS)
+        threads.cap_threads(2)
+        assert torch.get_num_threads() == 2 and threads.current_cap() == 2
+        assert os.environ["OMP_NUM_THREADS"] == "2" and os.environ["OPENBLAS_NUM_THREADS"] == "1"
         pools = threadpool_info()
-        assert pools and all(p["num_threads"] == 1 for p in pools)
+        assert {p["user_api"] for p in pools} >= {"blas", "openmp"}
+        assert all(p["num_threads"] == (1 if p["user_api"] == "blas" else 2) for p in pools)
+        threads.cap_threads(1)
+        assert torch.get_num_threads() == 1 and all(p["num_threads"] == 1 for p in threadpool_info())
     finally:
         torch.set_num_threads(before)
 
