@@ -119,3 +119,18 @@ def test_rerun_reuses_tuning_and_compared_cells(tuned_grid: Path, capsys: pytest
     assert "0 to run" in out and "1 reused" in out
     cfg = OmegaConf.create(yaml.safe_load((tuned_grid / "grid.yaml").read_text()))
     assert cfg.tune.seeds == [5]
+
+
+def test_seed_derived_keys_do_not_split_a_method() -> None:
+    """A key with one value per seed (`${derived_seed:${seed},1}`) is the seed's stream, not another config; a key
+    that differs between cells sharing seeds (two lrs over seeds 0, 1) is, and names the methods apart."""
+    from bench.reporting.summary import _distinguish
+
+    rows = [{"cell": f"m-seed{s}", "method": "m", "seed": s} for s in (0, 1, 2)]
+    configs = {f"m-seed{s}": {"train.lr": 3e-4, "world.eval.noise_seed": 1000 + s} for s in (0, 1, 2)}
+    _distinguish(rows, configs)
+    assert {r["method"] for r in rows} == {"m"}
+    rows = [{"cell": f"m-{lr}-seed{s}", "method": "m", "seed": s} for lr in (1, 2) for s in (0, 1)]
+    configs = {f"m-{lr}-seed{s}": {"train.lr": lr, "world.eval.noise_seed": 1000 + s} for lr in (1, 2) for s in (0, 1)}
+    _distinguish(rows, configs)
+    assert {r["method"] for r in rows} == {"m [train.lr=1]", "m [train.lr=2]"}

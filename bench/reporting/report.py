@@ -153,7 +153,8 @@ def split_stages(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def tuning_runs(tune_df: pd.DataFrame, grid_cfg: dict, metric: str, thresholds: list[float]
                 ) -> tuple[pd.DataFrame, str]:
     """The tuning runs' table with each run's selection score, and the selection rule (grid.tune.select)."""
-    select = str((grid_cfg.get("tune") or {}).get("select", "auc"))
+    tune = grid_cfg.get("tune") or {}
+    select, metric = str(tune.get("select", "auc")), str(tune.get("metric") or metric)
     if not len(tune_df):
         return tune_df, select
     return tuning_scores(run_table(tune_df, metric, thresholds, budget_of(grid_cfg)), select, metric), select
@@ -269,7 +270,8 @@ def render_report(df: pd.DataFrame, grid_cfg: dict, title: str, grid_dir: Path |
                              (grid_cfg.get("report") or {}).get("contrasts"), budget_of(grid_cfg))
         t_star = headline_threshold(runs, thresholds, runs.method == baseline if baseline else None)
         tune_runs, select = tuning_runs(tune_df, grid_cfg, metric, thresholds)
-        if (line := tuning_summary_line(tune_runs, runs, select, metric)) is not None:
+        tune_metric = str((grid_cfg.get("tune") or {}).get("metric") or metric)
+        if (line := tuning_summary_line(tune_runs, runs, select, tune_metric)) is not None:
             out.append(line)
     else:
         t_star = None
@@ -307,7 +309,7 @@ def render_report(df: pd.DataFrame, grid_cfg: dict, title: str, grid_dir: Path |
         if (grid_cfg.get("report") or {}).get("device_seconds"):  # e.g. trees: fewer NFE is not fewer seconds
             out += thresholds_section(runs, metric, thresholds, baseline, cap, methods, unit="sec")
         out += collapse_lines
-        out += tuning_section(tune_runs, runs, select, metric, budget_of(grid_cfg))
+        out += tuning_section(tune_runs, runs, select, tune_metric, budget_of(grid_cfg))
         out += sensitivity_section(runs, metric)
         out += spread_section(df, runs, metric)
         out += statistics_section(runs[runs.method.isin(methods)], baseline, metric)

@@ -101,9 +101,25 @@ def all_cells(grid_dir: Path, cells: list[Cell] | None = None) -> list[Cell]:
     return [*merged.values(), *_discovered(grid_dir, set(merged))]
 
 
+def _seed_derived(names: list[str], configs: dict[str, dict], seeds: dict[str, int]) -> set[str]:
+    """Keys whose value is a function of the seed, distinct per seed, across a method's cells
+    (`${derived_seed:${seed},K}`): the seed's own random streams, not a difference in config."""
+    if len({seeds[n] for n in names}) < 2:
+        return set()
+    out = set()
+    for k in {k for n in names for k in configs[n]}:
+        by_seed: dict[int, set] = {}
+        for n in names:
+            by_seed.setdefault(seeds[n], set()).add(repr(configs[n].get(k)))
+        if all(len(v) == 1 for v in by_seed.values()) and len(set().union(*by_seed.values())) == len(by_seed):
+            out.add(k)
+    return out
+
+
 def _distinguish(rows: list[dict], configs: dict[str, dict]) -> None:
     """Rename methods whose cells ran different configs: `method [key=value, ...]` by the keys that differ."""
     by_method: dict[str, list[str]] = {}
+    seeds = {r["cell"]: r["seed"] for r in rows}
     for r in rows:
         if r["cell"] in configs and configs[r["cell"]]:
             by_method.setdefault(r["method"], [])
@@ -112,7 +128,7 @@ def _distinguish(rows: list[dict], configs: dict[str, dict]) -> None:
     rename: dict[str, str] = {}
     for method, names in by_method.items():
         keys = sorted({k for a in names for b in names for k in set(configs[a]) | set(configs[b])
-                       if configs[a].get(k) != configs[b].get(k)})
+                       if configs[a].get(k) != configs[b].get(k)} - _seed_derived(names, configs, seeds))
         if keys:
             for n in names:
                 rename[n] = f"{method} [{', '.join(f'{k}={configs[n].get(k)}' for k in keys)}]"

@@ -7,6 +7,7 @@ never inflates a reported figure.
         params: {train.lr: [1.5e-4, 3e-4, 6e-4], objective.clip_range: [1e-4, 1e-2]}
         seeds: [100, 101]      # disjoint from grid.seeds
         select: auc            # auc: the metric's mean over the fixed budget | final: its value at the budget
+        metric: eval_heldout_accuracy   # what selects (default: grid.report.metric)
 
 A key a method does not have (clip_range for epg) is not swept for it; the report says how many settings and runs
 each method got. Tuning runs stop at the fixed budget (budget.until does not apply to them). A diverged tuning run
@@ -46,9 +47,9 @@ def tune_spec(base: DictConfig, report_seeds: list[int]) -> TuneSpec | None:
     spec = base.grid.get("tune")
     if spec is None:
         return None
-    unknown = sorted(set(spec) - {"params", "seeds", "select"})
+    unknown = sorted(set(spec) - {"params", "seeds", "select", "metric"})
     if unknown:
-        raise UserError(f"grid.tune.{unknown[0]}: unknown key; valid: params, seeds, select")
+        raise UserError(f"grid.tune.{unknown[0]}: unknown key; valid: params, seeds, select, metric")
     params = {str(k): list(v) if OmegaConf.is_list(v) or isinstance(v, (list, tuple)) else [v]
               for k, v in (spec.get("params") or {}).items()}
     if not params or any(not v for v in params.values()):
@@ -66,7 +67,8 @@ def tune_spec(base: DictConfig, report_seeds: list[int]) -> TuneSpec | None:
     if select not in SELECT:
         raise UserError(f"grid.tune.select={select}: unknown; valid: {', '.join(SELECT)}")
     report = base.grid.get("report") or {}
-    return TuneSpec(params, seeds, select, str(report.get("metric", "eval_reward")), base.budget.get("nfe"))
+    metric = str(spec.get("metric") or report.get("metric", "eval_reward"))
+    return TuneSpec(params, seeds, select, metric, base.budget.get("nfe"))
 
 
 def _fmt(v: Any) -> str:
