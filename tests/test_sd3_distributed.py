@@ -129,3 +129,48 @@ def test_torchrun_two_ranks_train_one_sd3_cell(tmp_path):
     assert all(torch.equal(main["params"][k], other["params"][k]) for k in main["params"])
     assert not torch.equal(main["generator"], other["generator"])  # each rank its own stream
     assert (tmp_path / "sd3_smoke" / "report.md").exists() and (tmp_path / "sd3_smoke" / "cells.json").exists()
+
+
+def _eval_world():
+    from bench.worlds.sd3 import SD3World
+    from bench.worlds.sd3_tiny import tiny_world_config
+
+    cfg = tiny_world_config(prompts={"eval_max": 5}, eval={"num_prompts": 3, "samples_per_prompt": 2, "steps": 2,
+                                                            "batch_size": 2, "grid_max": 4})
+    return SD3World(cfg, "/tmp")
+
+
+def _eval_worker(rank: int, port: int, out: str) -> None:
+    from bench.core.meter import ComputeMeter
+    from bench.core.policy import PolicyCall
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    world = _eval_world()
+    rank_world, policy = distributed.wrap(world, world.build_policy())
+    meter = ComputeMeter()
+    with meter.phase("eval"):
+        metrics = rank_world.evaluate(PolicyCall(policy, meter), tmp := __import__("pathlib").Path(out) / f"r{rank}", "t")
+    with open(f"{out}/eval{rank}.json", "w") as f:
+        json.dump({"metrics": metrics, "forwards": meter.current.eval_forwards, "sheet": (tmp / "eval_t.png").exists()}, f)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def test_two_process_eval_is_sharded_and_equals_one_process(tmp_path):
+    """3 eval batches (1 prompt x 2 samples each) over 2 ranks: each samples its own, on the noise one process
+    draws for them; the gathered figures equal one process's, and only rank 0 writes the sheet."""
+    from bench.core.meter import ComputeMeter
+    from bench.core.policy import PolicyCall
+
+    mp.start_processes(_eval_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (json.loads((tmp_path / f"eval{r}.json").read_text()) for r in (0, 1))
+    world = _eval_world()
+    meter = ComputeMeter()
+    with meter.phase("eval"):
+        one = world.evaluate(PolicyCall(world.build_policy(), meter), tmp_path / "one", "t")
+    assert r0["metrics"] == r1["metrics"] == one
+    # CFG doubles the batch: 2 steps x 2 samples x 2 per batch; rank 0 runs batches 0 and 2, rank 1 batch 1.
+    assert (r0["forwards"], r1["forwards"], meter.current.eval_forwards) == (16, 8, 24)
+    assert r0["sheet"] and not r1["sheet"]

@@ -7,13 +7,15 @@ all-reduces that overlap the backward, DIFFRL_DDP_BUCKET_MB per bucket; gradient
 gradient), the trainable parameters only (the frozen base is the same file on every rank, never broadcast); the
 process group times out after DIFFRL_DDP_TIMEOUT_S seconds (a rank that died or hangs stops the launch instead of
 holding the others forever); model-evaluation counts are summed and wall time is the
-slowest rank's, so NFE is global and device-hours = wall x world size. Rank 0 is the one writer: it evaluates,
+slowest rank's, so NFE is global and device-hours = wall x world size. Evaluation of the sd3 world is sharded (each rank samples and scores its batches
+on the one-process noise; scores gathered); other worlds evaluate on rank 0. Rank 0 is the one writer: it evaluates,
 writes metrics, samples, checkpoints, status and the grid report; the other ranks keep their own checkpoint (their
 random stream) under <cell>/.rank<r>/ so a resumed cell continues every stream.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import shutil
 from datetime import timedelta
@@ -102,6 +104,17 @@ def all_gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out).to(t.device)
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank ([obj] in one process)."""
+    if not active():
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` on every rank."""
     if not active():
@@ -177,7 +190,12 @@ class RankWorld:
         return self.world.sample_prompts(n // ws, generator)
 
     def evaluate(self, model: Any, out_dir: Path | None, tag: str) -> dict[str, float]:
-        """Rank 0 evaluates (and writes the sample grid); every rank gets its figures."""
+        """A world whose evaluate takes a `shard` (sd3) evaluates its batches on all ranks at once and gathers
+        the scores (rank 0 writes the sample grid); any other is evaluated by rank 0 alone. Every rank gets the
+        figures, the one-process figures either way."""
+        if "shard" in inspect.signature(self.world.evaluate).parameters:
+            return self.world.evaluate(model, out_dir if is_main() else None, tag, shard=(rank(), world_size()),
+                                       gather=all_gather_objects)
         metrics = self.world.evaluate(model, out_dir, tag) if is_main() else None
         return broadcast_object(metrics)
 

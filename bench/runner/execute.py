@@ -187,6 +187,8 @@ def run_cell(cell: Cell, grid_dir: Path, position: int = 1, held: bool = False) 
         # Every rank takes rank 0's answer, so all evaluate at iteration 0 or none does.
         base = distributed.broadcast_object(base_eval.reusable_base_eval(
             cell.cfg, Path(grid_dir) / BASE_CELL, base_metrics_path(grid_dir)) if main else None)
+        if base is not None and not main:  # rank 0 writes the cell's sample sheets
+            base = {**base, "samples": []}
         try:
             train_cell(cell.cfg, distributed.rank_cell_dir(cell_dir), position, on_row=logger.log if logger else None,
                        base_eval=base)

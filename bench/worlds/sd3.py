@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
 from bench.core.errors import UserError
-from bench.core.policy import PolicyCall
+from bench.core.meter import ComputeMeter
+from bench.core.policy import Policy, PolicyCall
 from bench.worlds.prompts import PromptSet, train_eval_split
 from bench.rewards.combine import WeightedReward
 from bench.core.schema import Option
@@ -213,39 +214,81 @@ class SD3World(World):
     @torch.no_grad()
     def eval_samples(self, model: PolicyCall, prompts: list[str]) -> Iterator[tuple[torch.Tensor, list[str]]]:
         """world.eval.samples_per_prompt ODE samples per prompt on fixed noise, in batches: (images, their prompts)."""
+        for _, images, leaf_prompts in self.eval_batches(model, prompts):
+            yield images, leaf_prompts
+
+    @torch.no_grad()
+    def eval_batches(self, model: PolicyCall, prompts: list[str], shard: tuple[int, int] = (0, 1)
+                     ) -> Iterator[tuple[int, torch.Tensor, list[str]]]:
+        """(batch index, images, their prompts) of the eval batches; `shard=(r, n)`: only batches b with b % n == r.
+        The other batches' noise is still drawn (a zero-velocity pass of the sampler, no model call), so every batch
+        gets the noise it gets in one process and a sharded eval scores the same samples."""
         ecfg = dict(self.cfg.get("eval") or {})
         per = int(ecfg.get("samples_per_prompt", 2))
         guidance = float(ecfg.get("guidance", 1.0))
         sampler = ODESampler({"steps": int(ecfg.get("steps", 10)), "shift": self.shift, "guidance": guidance})
         call = PolicyCall(model.policy, model.meter, guidance=guidance, params=model.params,
                           detach_uncond=model.detach_uncond)
+        skip_meter = ComputeMeter()
+        skip = PolicyCall(_ZeroVelocity(model.policy), skip_meter, guidance=guidance)
         gen = torch.Generator().manual_seed(int(ecfg.get("noise_seed", 1234)))
         bs = max(1, int(ecfg.get("batch_size", 8)) // per)
-        for i in range(0, len(prompts), bs):
+        rank, ranks = shard
+        for b, i in enumerate(range(0, len(prompts), bs)):
             chunk = prompts[i:i + bs]
+            if b % ranks != rank:
+                with skip_meter.phase("eval"):
+                    sampler.sample(skip, chunk, self.encode(chunk), per, self.latent_shape, gen)
+                continue
             rollout = sampler.sample(call, chunk, self.encode(chunk), per, self.latent_shape, gen)
-            yield self.decode(rollout.x0), [chunk[s] for s in rollout.leaf_slot.tolist()]
+            yield b, self.decode(rollout.x0), [chunk[s] for s in rollout.leaf_slot.tolist()]
 
     @torch.no_grad()
-    def evaluate(self, model: PolicyCall, out_dir: Path | None, tag: str) -> dict[str, float]:
-        """ODE samples on fixed noise for the eval prompts; eval_reward (+ one eval_reward_<name> per reward part)."""
+    def evaluate(self, model: PolicyCall, out_dir: Path | None, tag: str, shard: tuple[int, int] = (0, 1),
+                 gather: Callable[[Any], list[Any]] | None = None) -> dict[str, float]:
+        """ODE samples on fixed noise for the eval prompts; eval_reward (+ one eval_reward_<name> per reward part).
+
+        Data-parallel (bench.runner.distributed.RankWorld): each rank samples and scores its `shard` of the batches
+        and `gather` (an all-gather of Python objects) brings every rank's scores, and the sheet's first images, to
+        all ranks; the figures are then the one-process figures (same samples, same order of the means)."""
         ecfg = dict(self.cfg.get("eval") or {})
         per = int(ecfg.get("samples_per_prompt", 2))
-        images, totals, parts = [], [], {}
-        for imgs, leaf_prompts in self.eval_samples(model, self.eval_prompts()):
+        grid_max = int(ecfg.get("grid_max", 16))
+        records = []
+        for b, imgs, leaf_prompts in self.eval_batches(model, self.eval_prompts(), shard):
             model.meter.count_reward(len(leaf_prompts))
             total, part = self.eval_reward_fn(imgs, leaf_prompts)
-            totals.append(total.float().cpu())
-            for k, v in part.items():
-                parts.setdefault(k, []).append(v.float().cpu())
-            images.append(imgs.cpu())
+            start = b * max(1, int(ecfg.get("batch_size", 8)) // per) * per  # the batch's first sample overall
+            records.append((b, total.float().cpu(), {k: v.float().cpu() for k, v in part.items()},
+                            imgs[:max(0, grid_max - start)].cpu()))
+        if gather is not None:
+            records = sorted((r for rank_records in gather(records) for r in rank_records), key=lambda r: r[0])
+        totals = [r[1] for r in records]
         metrics = {"eval_reward": torch.cat(totals).mean().item()}
-        if len(parts) > 1:
-            metrics.update({f"eval_reward_{k}": torch.cat(v).mean().item() for k, v in parts.items()})
+        names = list(records[0][2]) if records else []
+        if len(names) > 1:
+            metrics.update({f"eval_reward_{k}": torch.cat([r[2][k] for r in records]).mean().item() for k in names})
         if out_dir is not None:
-            grid_max = int(ecfg.get("grid_max", 16))
-            save_image_grid(torch.cat(images)[:grid_max], Path(out_dir) / f"eval_{tag}.png", cols=per)
+            save_image_grid(torch.cat([r[3] for r in records])[:grid_max], Path(out_dir) / f"eval_{tag}.png", cols=per)
         return metrics
+
+
+class _ZeroVelocity(Policy):
+    """A stand-in with the policy's family and zero velocities: runs a sampler for its random draws alone."""
+
+    def __init__(self, policy: Policy):
+        super().__init__()
+        self.family = policy.family
+        # The sampler reads its device off the policy's parameters.
+        self.anchor = torch.nn.Parameter(torch.zeros(0, device=next(policy.parameters()).device), requires_grad=False)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """Zeros shaped like x."""
+        return torch.zeros_like(x)
+
+    def null_cond(self, cond: Any) -> Any:
+        """The condition itself (the velocity ignores it)."""
+        return cond
 
 
 def save_image_grid(images: torch.Tensor, path: Path, cols: int = 4) -> None:
