@@ -236,11 +236,17 @@ def _drop_torn_tail(fd: int) -> None:
     os.ftruncate(fd, 0)
 
 
-def append_jsonl(path: Path, row: dict[str, Any], sync: bool = True) -> None:
+# Appended without fsync (append_jsonl): metrics rows, which every checkpoint also holds (restore_metrics).
+UNSYNCED = (METRICS_FILE,)
+
+
+def append_jsonl(path: Path, row: dict[str, Any], sync: bool | None = None) -> None:
     """Append one JSON line with a single write(2) on an O_APPEND descriptor, then (`sync`) fsync: the line is on
     disk when this returns, and a crash loses at most the line in flight (left torn, without its newline, and cut
     by the next append). Without `sync` a killed process still loses nothing written (the kernel holds it); only
-    a machine crash can lose the lines since the last fsync."""
+    a machine crash can lose the lines since the last fsync. `sync` None: every file but UNSYNCED ones."""
+    if sync is None:
+        sync = Path(path).name not in UNSYNCED
     data = (json.dumps({k: _clean(v) for k, v in row.items()}) + "\n").encode()
     with naming_full_disk(path):
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
@@ -278,7 +284,7 @@ def append_metrics(cell_dir: Path, row: dict[str, Any]) -> None:
     """One JSON line per iteration, written before the iteration's checkpoint; not fsynced (a syscall that stalls
     the loop for milliseconds): every checkpoint holds the rows up to its iteration and is fsynced, and a resume
     rewrites metrics.jsonl from it, so a machine crash loses no row the resumed cell does not recompute."""
-    append_jsonl(Path(cell_dir) / METRICS_FILE, row, sync=False)
+    append_jsonl(Path(cell_dir) / METRICS_FILE, row)
 
 
 def read_metrics(cell_dir: Path) -> list[dict[str, Any]]:
