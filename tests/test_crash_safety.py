@@ -18,9 +18,11 @@ from bench.runner.locks import CellLock, LockOwner, read_owner, stale_reason
 from runner_helpers import (ONE_CELL, TWO_CELLS, attempts, comparable, digits_cache, metrics, popen,  # noqa: F401
                             process_tree, results_dir, run_runner, start_runner, status, survivors)
 
-# The headline grid at a reduced budget: its 5 valid cells of seed 0 (stepwise x ode is skipped), a few iterations
-# each, evals and checkpoints at different iterations so kills land between checkpoints.
-HEADLINE = ["grid=elbo_vs_stepwise", "grid.seeds=[0]", "budget.nfe=null", "budget.iterations=4",
+# The headline grid at a reduced budget, without its tuning sweep and its past-the-budget extension: the grpo_clip
+# cells of seed 0 (3 valid estimator x sampler pairs and the equal-NFE control), a few iterations each, evals and
+# checkpoints at different iterations so kills land between checkpoints.
+HEADLINE = ["grid=elbo_vs_stepwise", "grid.seeds=[0]", "grid.tune=null", "objective=grpo_clip", "budget.until=null",
+            "budget.nfe=null", "budget.iterations=4",
             "eval.every_nfe=null", "eval.every=2", "checkpoint.every=3", "world.eval.samples_per_class=10",
             "launcher.poll_s=0.2"]
 PARALLEL = ["launcher=parallel", "launcher.workers=2", "launcher.threads_per_worker=1"]
