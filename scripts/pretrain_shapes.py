@@ -1,11 +1,11 @@
 """Pretrain the shapes world's base SD3 transformer (deterministic; CPU, one thread) and write its safetensors.
 
-    OMP_NUM_THREADS=1 nice python scripts/pretrain_shapes.py [--steps N] [--out PATH] [--snapshots DIR]
-    OMP_NUM_THREADS=1 nice python scripts/pretrain_shapes.py --judge [--out PATH]   # the held-out judge CNN
+    nice -n 19 python scripts/pretrain_shapes.py [--steps N] [--out PATH] [--snapshots DIR]
+    nice -n 19 python scripts/pretrain_shapes.py --judge [--out PATH]   # the held-out judge CNN
 
-The config is bench.worlds.shapes_model.PRETRAIN; the file's header carries its hash, which the world checks at
-load time. --steps N writes the weights of the same run stopped at N steps (the LR schedule does not depend on
-the total), with N in the recorded config.
+The config is bench.worlds.shapes_model.PRETRAIN (torch threads included: they change float reductions); the
+file's header carries its hash, which the world checks at load time. --steps N is a shorter run (its cosine
+schedule ends at N), with N in the recorded config.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--snapshots", type=Path, default=None, help="also save every --snapshot-every steps here")
     ap.add_argument("--snapshot-every", type=int, default=250)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(PRETRAIN["threads"]))
     start = time.time()
 
     def log(msg: str) -> None:

@@ -107,7 +107,7 @@ class ShapesWorld(SD3World):
     name = "shapes"
     OPTIONS = {
         "device": Option("cpu", str, nullable=True, help="cpu | cuda | cuda:N"),
-        "threads": Option(1, int, low=1, nullable=True, help="the 0.6M-parameter transformer is overhead-bound"),
+        "threads": Option(1, int, low=1, nullable=True, help="the 2.3M-parameter transformer is overhead-bound"),
         "reward": Option("geneval_mini", object, valid="a reward name or {name: weight}"),
         "variant": Option("tiny", str, choices=("tiny",), help="fixed: the shipped base's architecture"),
         "tiny": Option(PRETRAIN["tiny"], dict, help="fixed (set by the world): the shipped base's architecture"),
