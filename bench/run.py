@@ -143,9 +143,13 @@ def plan_cells(grid_dir: Path, cells: list[Cell], earlier: list[Cell]) -> dict[s
     if any(c.stage == "tune" for c in [*cells, *earlier]):
         axes.add("budget.until")
     axes |= _seed_dependent(cells)
-    mine = _shared(identity(valid[0].cfg), axes)
+    # An earlier cell is compared with this run's cell of its own method (a tuning run with the method it tuned:
+    # presets on a method axis differ in more than the axis), else with any cell of this run.
+    by_method = {c.method: c for c in valid}
     for old in earlier:
         stored = read_identity(grid_dir / old.name) if old.name not in names else None
+        ref = by_method.get(str(old.setting.get("of", old.method)), valid[0])
+        mine = _shared(identity(ref.cfg), axes)
         if stored is not None and _shared(stored["identity"], axes) != mine:
             raise UserError(f"{grid_dir} holds cells run with another config ({config_diff(_shared(stored['identity'], axes), mine)}, "
                             f"e.g. {old.name}); give another results_dir= to keep both")

@@ -41,7 +41,8 @@ def large_eval(cell_dir: Path, per_class: int, noise_seed: int, metric: str) -> 
     resume(s, ckpt)
     s.world.cfg["eval"] = {**dict(s.world.cfg.get("eval") or {}), "samples_per_class": per_class,
                            "noise_seed": noise_seed}
-    return float(rows[-1][metric]), float(s.world.evaluate(s.model, None, "bias")[metric])
+    with s.meter.phase("eval"):
+        return float(rows[-1][metric]), float(s.world.evaluate(s.model, None, "bias")[metric])
 
 
 def main() -> None:
