@@ -35,7 +35,8 @@ def test_missing_reward_weights_fail_before_anything_is_written(tmp_path: Path) 
     assert proc.returncode == 2, proc.stderr
     assert len(err) == 1 and "world.reward_options.pickscore.model_path" in err[0], err
     assert not results.exists()  # no results folder, no base eval, no report
-    assert cpu < 10 and elapsed < 60, (cpu, elapsed)
+    # 5.5 CPU-s on a quiet machine; contention inflates CPU time too (12 s measured at load average 8).
+    assert cpu < 15 and elapsed < 60, (cpu, elapsed)
 
 
 # reward -> (its options with a missing path, the option the error must name)

@@ -158,6 +158,7 @@ def _eval_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # 24 s; CI runs it (python -m pytest -m slow)
 def test_two_process_eval_is_sharded_and_equals_one_process(tmp_path):
     """3 eval batches (1 prompt x 2 samples each) over 2 ranks: each samples its own, on the noise one process
     draws for them; the gathered figures equal one process's, and only rank 0 writes the sheet."""

@@ -102,12 +102,13 @@ def all_cells(grid_dir: Path, cells: list[Cell] | None = None) -> list[Cell]:
 
 
 def _seed_derived(names: list[str], configs: dict[str, dict], seeds: dict[str, int]) -> set[str]:
-    """Keys whose value is a function of the seed, distinct per seed, across a method's cells
-    (`${derived_seed:${seed},K}`): the seed's own random streams, not a difference in config."""
+    """Keys named *seed whose value is a function of the seed, distinct per seed, across a method's cells
+    (`${derived_seed:${seed},K}`): the seed's own random streams, not a difference in config. Other keys always
+    tell configs apart (a rerun with another lr on another seed is another config)."""
     if len({seeds[n] for n in names}) < 2:
         return set()
     out = set()
-    for k in {k for n in names for k in configs[n]}:
+    for k in {k for n in names for k in configs[n] if k.endswith("seed")}:
         by_seed: dict[int, set] = {}
         for n in names:
             by_seed.setdefault(seeds[n], set()).add(repr(configs[n].get(k)))
