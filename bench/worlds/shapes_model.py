@@ -134,7 +134,8 @@ def sample_timesteps(n: int, cfg: Mapping[str, Any], gen: torch.Generator) -> to
     if kind == "uniform":
         return torch.rand(n, generator=gen)
     if kind == "logit_normal":
-        return torch.sigmoid(float(cfg.get("t_mean", 0.0)) + float(cfg.get("t_std", 1.0)) * torch.randn(n, generator=gen))
+        mean, std = float(cfg.get("t_mean", 0.0)), float(cfg.get("t_std", 1.0))
+        return torch.sigmoid(mean + std * torch.randn(n, generator=gen))
     raise UserError(f"pretraining timesteps {kind!r}; valid: uniform, logit_normal")
 
 
