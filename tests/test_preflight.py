@@ -20,6 +20,7 @@ from bench.runner.config import compose_config
 from bench.runner.resolve import resolve_cell
 
 
+@pytest.mark.slow  # 40 s of imports under xdist; CI runs it (python -m pytest -m slow)
 def test_missing_reward_weights_fail_before_anything_is_written(tmp_path: Path) -> None:
     results = tmp_path / "results"
     # CPU seconds of the child (wall time on a shared machine measures the neighbours); wall time stays bounded.

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from runner_helpers import cli
 
 
+@pytest.mark.slow  # 36 s; CI runs it (python -m pytest -m slow)
 def test_smoke_grid_on_tiny_sd15(tmp_path):
     res = cli(["grid=smoke", "world=sd15", "world.variant=tiny", f"results_dir={tmp_path}"], timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
