@@ -28,7 +28,8 @@ from bench.runner.loggers import check_logger
 from bench.reporting.report import write_report
 from bench.runner.resolve import config_diff, identity
 from bench.runner.tuning import TuneSpec, choose, method_templates, report_cells, setting_label, tune_spec, tuning_cells
-from bench.reporting.summary import build_summary, read_manifest, write_manifest, write_summary
+from bench.reporting.summary import (build_summary, flatten, read_manifest, seed_derived_keys, write_manifest,
+                                     write_summary)
 
 
 
@@ -102,20 +103,16 @@ def _shared(ident: dict, axes: set[str]) -> dict:
 
 
 def _seed_dependent(cells: list[Cell]) -> set[str]:
-    """Dotted keys whose resolved values differ between seeds of one method (`${derived_seed:${seed},1}`)."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-    by_method: dict[str, dict] = {}
-    keys: set[str] = set()
+    """Dotted keys that are a seed's own random streams in this run (`${derived_seed:${seed},1}`): the summary's
+    rule (bench.reporting.summary.seed_derived_keys), method by method."""
+    by_method: dict[str, list[Cell]] = {}
     for c in cells:
-        if c.cfg is None or c.skip_reason is not None:
-            continue
-        mine = flat(identity(c.cfg))
-        first = by_method.setdefault(c.method, mine)
-        keys |= {k for k in set(first) | set(mine) if k != "seed" and first.get(k) != mine.get(k)}
+        if c.cfg is not None and c.skip_reason is None:
+            by_method.setdefault(c.method, []).append(c)
+    keys: set[str] = set()
+    for group in by_method.values():
+        configs = {c.name: flatten(identity(c.cfg)) for c in group}
+        keys |= seed_derived_keys(list(configs), configs, {c.name: c.seed for c in group})
     return keys
 
 

@@ -45,12 +45,13 @@ def cell_state(status: dict[str, Any], last_iteration: int | None) -> tuple[str,
     return "unfinished", f"unfinished at iteration {last_iteration if last_iteration is not None else 0}"
 
 
-def _walk(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys (an empty mapping stays one value)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
-            out.update(_walk(v, f"{key}."))
+            out.update(flatten(v, f"{key}."))
         else:
             out[key] = v
     return out
@@ -62,7 +63,7 @@ def flat_config(path: Path) -> dict[str, Any]:
         cfg = yaml.safe_load(Path(path).read_text()) or {}
     except (FileNotFoundError, yaml.YAMLError):
         return {}
-    return {k: v for k, v in _walk(cfg).items() if k not in RUNNER_KEYS and k.split(".")[0] not in RUNNER_KEYS}
+    return {k: v for k, v in flatten(cfg).items() if k not in RUNNER_KEYS and k.split(".")[0] not in RUNNER_KEYS}
 
 
 def cell_identity(folder: Path) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def cell_identity(folder: Path) -> dict[str, Any]:
         ident = json.loads((Path(folder) / IDENTITY_FILE).read_text())["identity"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
         return flat_config(Path(folder) / store.CONFIG_FILE)
-    return {k: v for k, v in _walk(ident).items() if k != "seed"}
+    return {k: v for k, v in flatten(ident).items() if k != "seed"}
 
 
 def _discovered(grid_dir: Path, known: set[str]) -> list[Cell]:
@@ -101,7 +102,7 @@ def all_cells(grid_dir: Path, cells: list[Cell] | None = None) -> list[Cell]:
     return [*merged.values(), *_discovered(grid_dir, set(merged))]
 
 
-def _seed_derived(names: list[str], configs: dict[str, dict], seeds: dict[str, int]) -> set[str]:
+def seed_derived_keys(names: list[str], configs: dict[str, dict], seeds: dict[str, int]) -> set[str]:
     """Keys named *seed whose value is a function of the seed, distinct per seed, across a method's cells
     (`${derived_seed:${seed},K}`): the seed's own random streams, not a difference in config. Other keys always
     tell configs apart (a rerun with another lr on another seed is another config)."""
@@ -129,7 +130,7 @@ def _distinguish(rows: list[dict], configs: dict[str, dict]) -> None:
     rename: dict[str, str] = {}
     for method, names in by_method.items():
         keys = sorted({k for a in names for b in names for k in set(configs[a]) | set(configs[b])
-                       if configs[a].get(k) != configs[b].get(k)} - _seed_derived(names, configs, seeds))
+                       if configs[a].get(k) != configs[b].get(k)} - seed_derived_keys(names, configs, seeds))
         if keys:
             for n in names:
                 rename[n] = f"{method} [{', '.join(f'{k}={configs[n].get(k)}' for k in keys)}]"
