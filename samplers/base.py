@@ -177,17 +177,19 @@ class ChainSampler(Sampler):
         sched = sched.to(device)
         builder = RolloutBuilder(sched, prompts, cond, kernel, self.guidance, family)
         ids = builder.add(x, 0, slot)
-        trained = self.trained_mask(sde, p * g, generator)
+        trained = self.trained_mask(sde, p * g, generator).to(device)
         solver = self.ode_solver(sde).for_family(family)
         scored = None
-        for i in range(len(sde)):
-            sigma, sigma_next = sched[i].expand(p * g), sched[i + 1].expand(p * g)
+        # Python bools and per-step time views read once: a tensor test per step is a sync (and an op) each.
+        stochastic, times = sde.tolist(), sched.expand(p * g, -1).unbind(1)
+        for i, is_sde in enumerate(stochastic):
+            sigma, sigma_next = times[i], times[i + 1]
             v = model(x, sigma, cond_b)
-            if self.score == "x0_hat" and i == len(sde) - 1:
+            if self.score == "x0_hat" and i == len(stochastic) - 1:
                 scored = family.x0_eps(x, v, sched[i])[0]
-            if sde[i]:
+            if is_sde:
                 x, mu, s, logp = stochastic_step(kernel, x, v, sigma, sigma_next, sched, generator)
-                ids = builder.add(x, i + 1, slot, ids, SDE, mu, s, logp, trained[i].to(device))
+                ids = builder.add(x, i + 1, slot, ids, SDE, mu, s, logp, trained[i])
             else:
                 x = solver.step(model, x, v, i, sched, cond_b)
                 ids = builder.add(x, i + 1, slot, ids, ODE)

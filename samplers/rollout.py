@@ -91,15 +91,24 @@ class Rollout:
 
 
 class RolloutBuilder:
-    """Appends nodes level by level into preallocated-free lists, then stacks them once."""
+    """Appends nodes level by level, then builds the Rollout's columns once.
+
+    A level keeps only what differs per node (samples, SDE means/scales/log-densities, parents, slots); the
+    constant columns (time, step, kind, zeros off SDE edges) are written in `build` for all levels together: a
+    rollout step costs no per-column tensor of its own (issue 12: ~10 small ops per level before).
+    """
 
     def __init__(self, schedule: torch.Tensor, prompts: list[str], cond: Cond, kernel: Any, guidance: float,
                  family: ModelFamily = FLOW):
         self.schedule, self.prompts, self.cond, self.kernel, self.guidance = schedule, prompts, cond, kernel, guidance
         self.family = family
         self._times = schedule.tolist()  # read once: float(schedule[step]) per level would sync a GPU each time
-        self._cols: dict[str, list[torch.Tensor]] = {k: [] for k in
-                                                     ("x", "t", "step", "parent", "slot", "kind", "mean", "scale", "logp_old", "trained")}
+        self._levels: list[tuple[int, int, int]] = []  # (size, step, kind)
+        self._x: list[torch.Tensor] = []
+        self._parent: list[torch.Tensor | None] = []
+        self._slot: list[torch.Tensor] = []
+        self._sde: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = []
+        self._trained: list[bool | torch.Tensor] = []
         self.count = 0
 
     def add(self, x: torch.Tensor, step: int, slot: torch.Tensor, parent: torch.Tensor | None = None,
@@ -108,23 +117,37 @@ class RolloutBuilder:
         """Add a level of B nodes; returns their ids."""
         b = x.shape[0]
         ids = torch.arange(self.count, self.count + b)
+        if mean is not None or scale is not None or logp_old is not None:
+            self._sde.append((self.count, b, mean, scale, logp_old))
         self.count += b
-        zeros = torch.zeros(b, dtype=torch.float32, device=x.device)
-        c = self._cols
-        c["x"].append(x)
-        c["t"].append(torch.full((b,), self._times[step], dtype=torch.float32, device=x.device))
-        c["step"].append(torch.full((b,), step, dtype=torch.long, device=x.device))
-        c["parent"].append(torch.full((b,), -1, dtype=torch.long, device=x.device) if parent is None else parent.to(x.device))
-        c["slot"].append(slot.to(x.device))
-        c["kind"].append(torch.full((b,), kind, dtype=torch.int8, device=x.device))
-        c["mean"].append(torch.zeros_like(x) if mean is None else mean)
-        c["scale"].append(zeros if scale is None else scale.expand(b).float())
-        c["logp_old"].append(zeros if logp_old is None else logp_old.float())
-        tr = torch.as_tensor(trained, device=x.device)
-        c["trained"].append(tr.expand(b).clone() if tr.ndim == 0 else tr)
+        self._levels.append((b, step, kind))
+        self._x.append(x)
+        self._parent.append(parent)
+        self._slot.append(slot)
+        self._trained.append(trained)
         return ids
 
     def build(self, leaves: torch.Tensor, scored: torch.Tensor | None = None) -> Rollout:
-        cols = {k: torch.cat(v, 0) for k, v in self._cols.items()}
-        return Rollout(**cols, leaves=leaves.to(cols["x"].device), schedule=self.schedule, prompts=self.prompts,
+        x = torch.cat(self._x, 0)
+        dev, n = x.device, x.shape[0]
+        sizes = torch.tensor([b for b, _, _ in self._levels])
+        t = torch.tensor([self._times[st] for _, st, _ in self._levels], dtype=torch.float32).repeat_interleave(sizes)
+        step = torch.tensor([st for _, st, _ in self._levels], dtype=torch.long).repeat_interleave(sizes)
+        kind = torch.tensor([k for _, _, k in self._levels], dtype=torch.int8).repeat_interleave(sizes)
+        parent = torch.cat([torch.full((b,), -1, dtype=torch.long) if p is None else p.cpu()
+                            for (b, _, _), p in zip(self._levels, self._parent)])
+        slot = torch.cat([s.cpu() for s in self._slot])
+        trained = torch.cat([torch.full((b,), bool(tr)) if not isinstance(tr, torch.Tensor) or tr.ndim == 0
+                             else tr.cpu() for (b, _, _), tr in zip(self._levels, self._trained)])
+        mean, scale, logp_old = torch.zeros_like(x), torch.zeros(n, device=dev), torch.zeros(n, device=dev)
+        for start, b, mu, sc, lp in self._sde:
+            if mu is not None:
+                mean[start:start + b] = mu
+            if sc is not None:
+                scale[start:start + b] = sc.expand(b).float()
+            if lp is not None:
+                logp_old[start:start + b] = lp.float()
+        cols = {"x": x, "t": t.to(dev), "step": step.to(dev), "parent": parent.to(dev), "slot": slot.to(dev),
+                "kind": kind.to(dev), "mean": mean, "scale": scale, "logp_old": logp_old, "trained": trained.to(dev)}
+        return Rollout(**cols, leaves=leaves.to(dev), schedule=self.schedule, prompts=self.prompts,
                        cond=self.cond, kernel=self.kernel, guidance=self.guidance, scored=scored, family=self.family)
