@@ -9,7 +9,9 @@ calls (decode + reward models) inside them. It prints, per preset: ms per iterat
 forward/backward and reward calls (the framework's overhead), and the ratio of the iteration to its floor: the same
 model calls replayed bare (recorded inputs, no sampler/estimator/optimizer around them) plus the iteration's reward
 time. Every figure is the median over `--repeats` rounds of `--iterations` iterations each, the presets
-interleaved in each round so load from other processes hits all of them alike. `ddpo` needs a VP model: on digits
+interleaved in each round so load from other processes hits all of them alike. On digits (without overrides) two
+reference rows run in the same rounds: Flow-GRPO and TreeGRPO as minimal hand-written loops at the presets' settings
+(bench/perf/handwritten.py), and the tree's per-NFE cost over the chain's is printed for presets, floor and loops. `ddpo` needs a VP model: on digits
 it runs on digits_vp; on sd3 (flow) it is skipped.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from bench.core.errors import UserError
+from bench.perf.handwritten import LOOPS, HandWritten
 from bench.perf.sd3 import Timers
 from bench.runner.components import incompatibility
 from bench.runner.config import compose_config, group_options
@@ -131,9 +134,9 @@ def build(world: str, methods: list[str], overrides: list[str]) -> tuple[list[Be
     return benches, skipped
 
 
-def measure(benches: list[Bench], repeats: int, iterations: int, warmup: int) -> None:
-    """Warm-up, then `repeats` rounds; in each round every preset runs `iterations` iterations (their mean is the
-    round's figure) and one bare replay."""
+def measure(benches: list[Bench | HandWritten], repeats: int, iterations: int, warmup: int) -> None:
+    """Warm-up, then `repeats` rounds; in each round every preset (and hand-written loop) runs `iterations`
+    iterations (their mean is the round's figure) and, for a preset, one bare replay."""
     it = {id(b): 0 for b in benches}
     for r in range(repeats + 1):
         for b in benches:
@@ -141,11 +144,12 @@ def measure(benches: list[Bench], repeats: int, iterations: int, warmup: int) ->
             rows = []
             for _ in range(n):
                 it[id(b)] += 1
-                rows.append(iterate(b, it[id(b)]))
+                rows.append(b.iterate() if isinstance(b, HandWritten) else iterate(b, it[id(b)]))
             if r == 0:
                 continue
-            b.rows.append({k: statistics.fmean(x[k] for x in rows) for k in rows[0]})
-            b.floor_s.append(replay(b) + b.rows[-1]["reward"])
+            b.rows = [*getattr(b, "rows", []), {k: statistics.fmean(x[k] for x in rows) for k in rows[0]}]
+            if isinstance(b, Bench):
+                b.floor_s.append(replay(b) + b.rows[-1]["reward"])
 
 
 def table(benches: list[Bench]) -> list[str]:
@@ -153,10 +157,30 @@ def table(benches: list[Bench]) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for b in benches:
         med = {k: statistics.median(r[k] for r in b.rows) for k in b.rows[0]}
-        floor = statistics.median(b.floor_s)
+        floor = statistics.median(b.floor_s) if isinstance(b, Bench) else None
+        floor_cols = "| - | - |" if floor is None else f"| {floor * 1e3:.1f} | {med['wall'] / floor:.2f} |"
         lines.append(f"| {b.label} | {med['wall'] * 1e3:.1f} | {med['nfe']:.0f} | {med['wall'] / med['nfe'] * 1e6:.1f} "
-                     f"| {med['outside']:.0%} | {floor * 1e3:.1f} | {med['wall'] / floor:.2f} |")
+                     f"| {med['outside']:.0%} {floor_cols}")
     return lines
+
+
+def per_nfe_ratios(benches: list[Bench | HandWritten]) -> list[str]:
+    """tree_grpo's per-NFE cost over flow_grpo's (issue 12's target: at most 1.1x), for the presets, their bare
+    model calls (the floor) and the hand-written loops, where all of a pair ran."""
+    by = {b.label: b for b in benches}
+    out = []
+    for kind, tree, flow in (("presets", "tree_grpo", "flow_grpo"),
+                             ("hand-written loops", "hand-written tree_grpo", "hand-written flow_grpo")):
+        if tree not in by or flow not in by:
+            continue
+        t, f = by[tree], by[flow]
+        per = lambda b: statistics.median(r["wall"] / r["nfe"] for r in b.rows)
+        line = f"tree_grpo / flow_grpo per NFE, {kind}: {per(t) / per(f):.2f}x"
+        if kind == "presets":
+            floor = lambda b: statistics.median(b.floor_s) / statistics.median(r["nfe"] for r in b.rows)
+            line += f" (their bare model calls plus rewards: {floor(t) / floor(f):.2f}x)"
+        out.append(line)
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -169,6 +193,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--iterations", type=int, default=3, help="iterations per preset per round (default 3)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="world.threads for every preset (default: the world's own)")
+    ap.add_argument("--no-handwritten", action="store_true",
+                    help="skip the hand-written Flow-GRPO/TreeGRPO reference rows on digits (bench/perf/handwritten.py)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every preset, e.g. train.group_size=4")
     args = ap.parse_args(argv)
     all_methods = group_options("method")
@@ -185,12 +211,15 @@ def main(argv: list[str]) -> int:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if world == "digits" and not args.no_handwritten and not args.overrides:  # they run the presets' defaults
+            benches += [HandWritten(name, args.threads) for name in LOOPS]
         measure(benches, args.repeats, args.iterations, args.warmup)
         dev = benches[0].state.world.device if benches else "cpu"
         print(f"\n{world}: {torch.get_num_threads()} thread(s), device {dev}; medians of {args.repeats} rounds x "
               f"{args.iterations} iterations (after {args.warmup} warm-up)"
               + (f"; skipped (no compatible world): {', '.join(skipped)}" if skipped else "") + "\n")
         print("\n".join(table(benches)))
+        print("\n".join(["", *per_nfe_ratios(benches)]))
         del benches
     print("\nfloor: the iteration's model forwards/backwards replayed bare at the same batch sizes, plus its reward "
           "calls; 'outside model+reward': wall time in none of those calls (sampler, estimator, advantages, "
