@@ -12,7 +12,7 @@ Settings (experiments/method/flow_grpo.yaml, tree_grpo.yaml, the digits world): 
 on Flow-GRPO's scheduler grid, flow SDE noise level 0.7, log-densities averaged over dims; Flow-GRPO trains the
 first 9 steps of every chain, TreeGRPO the edges of a random window of 3 branching steps (k = 3, 27 leaves per
 prompt, window start uniform in [0, 7]); both: group-normalised advantages clipped at 5, PPO-clip 1e-4, two
-minibatches (tree siblings together), AdamW lr 3e-4 (fused), gradient norm clipped at 1.
+minibatches (tree siblings together), AdamW lr 3e-4 (foreach, as the loop), gradient norm clipped at 1.
 """
 from __future__ import annotations
 
@@ -187,7 +187,7 @@ class HandWritten:
         overrides = ["world=digits", *([f"world.threads={threads}"] if threads else [])]
         self.world = build_world(resolve_cell(compose_config(overrides)))
         self.policy = self.world.build_policy()
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=LR, weight_decay=1e-4, fused=True)
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=LR, weight_decay=1e-4, foreach=True)
         self.gen = torch.Generator().manual_seed(0)
         self.clock = Clock()
         self.policy.velocity = self.clock.timed(self.policy.velocity, "model")
