@@ -30,9 +30,13 @@ class StepwiseEstimator(Estimator):
         x_p, t_p = rollout.x[uniq], rollout.t[uniq]
         cond_p = rollout.node_cond(uniq)
         v = model(x_p, t_p, cond_p)
-        t_c = rollout.t[units]
-        mu, _ = rollout.kernel.mean_scale(x_p[inverse], v[inverse], t_p[inverse], t_c, rollout.schedule)
-        logp = transition_logp(rollout.kernel, rollout.x[units], mu, rollout.scale[units], self.reduce)
+        # The transition mean once per parent, then copied to its children: siblings share it (one step, one
+        # time), so a tree's k children cost one mean, and no [units] copies of x_p and v are made (on SD3
+        # latents two full-size gathers per minibatch). Per row the same arithmetic as per child.
+        t_next = torch.empty_like(t_p)
+        t_next[inverse] = rollout.t[units]
+        mu_p, _ = rollout.kernel.mean_scale(x_p, v, t_p, t_next, rollout.schedule)
+        logp = transition_logp(rollout.kernel, rollout.x[units], mu_p[inverse], rollout.scale[units], self.reduce)
         unit_of_eval = torch.zeros(len(uniq), dtype=torch.long, device=units.device)
         unit_of_eval[inverse] = torch.arange(len(units), device=units.device)
         return Estimate(logp, v, x_p, t_p, cond_p, unit_of_eval)
