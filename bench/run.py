@@ -9,6 +9,7 @@ results folder. Cells run where `launcher=` says (local, parallel, slurm: bench/
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -102,7 +103,7 @@ def _shared(ident: dict, axes: set[str]) -> dict:
     return strip(ident, {*axes, "seed"})
 
 
-def _seed_dependent(cells: list[Cell]) -> set[str]:
+def _seed_dependent(cells: list[Cell], ident: Callable[[Cell], dict]) -> set[str]:
     """Dotted keys that are a seed's own random streams in this run (`${derived_seed:${seed},1}`): the summary's
     rule (bench.reporting.summary.seed_derived_keys), method by method."""
     by_method: dict[str, list[Cell]] = {}
@@ -111,7 +112,7 @@ def _seed_dependent(cells: list[Cell]) -> set[str]:
             by_method.setdefault(c.method, []).append(c)
     keys: set[str] = set()
     for group in by_method.values():
-        configs = {c.name: flatten(identity(c.cfg)) for c in group}
+        configs = {c.name: flatten(ident(c)) for c in group}
         keys |= seed_derived_keys(list(configs), configs, {c.name: c.seed for c in group})
     return keys
 
@@ -122,6 +123,13 @@ def plan_cells(grid_dir: Path, cells: list[Cell], earlier: list[Cell]) -> dict[s
     common settings differ from this run's (they would be pooled in one report)."""
     plan: dict[str, str] = {}
     valid = [c for c in cells if c.skip_reason is None]
+    identities: dict[int, dict] = {}
+
+    def ident(c: Cell) -> dict:  # a cell's identity, computed once per call (a config to plain values is ms)
+        if id(c) not in identities:
+            identities[id(c)] = identity(c.cfg)
+        return identities[id(c)]
+
     for cell in cells:
         if cell.skip_reason is not None:
             plan[cell.name] = "skip"
@@ -129,7 +137,7 @@ def plan_cells(grid_dir: Path, cells: list[Cell], earlier: list[Cell]) -> dict[s
         stored = read_identity(grid_dir / cell.name)
         if stored is not None and stored["hash"] != cell.hash:
             raise UserError(f"{grid_dir / cell.name} was run with another config "
-                            f"({config_diff(stored['identity'], identity(cell.cfg))}); give another results_dir= "
+                            f"({config_diff(stored['identity'], ident(cell))}); give another results_dir= "
                             "to keep both, or remove that folder")
         status = store.read_status(grid_dir / cell.name)["status"]
         plan[cell.name] = ("reuse" if status in FINAL and stored is not None
@@ -139,14 +147,17 @@ def plan_cells(grid_dir: Path, cells: list[Cell], earlier: list[Cell]) -> dict[s
     axes = {a for c in [*cells, *earlier] for a in [*c.axes, *c.setting] if a != "of"}
     if any(c.stage == "tune" for c in [*cells, *earlier]):
         axes.add("budget.until")
-    axes |= _seed_dependent(cells)
+    axes |= _seed_dependent(cells, ident)
     # An earlier cell is compared with this run's cell of its own method (a tuning run with the method it tuned:
     # presets on a method axis differ in more than the axis), else with any cell of this run.
     by_method = {c.method: c for c in valid}
+    shared: dict[int, dict] = {}
     for old in earlier:
         stored = read_identity(grid_dir / old.name) if old.name not in names else None
         ref = by_method.get(str(old.setting.get("of", old.method)), valid[0])
-        mine = _shared(identity(ref.cfg), axes)
+        if id(ref) not in shared:
+            shared[id(ref)] = _shared(ident(ref), axes)
+        mine = shared[id(ref)]
         if stored is not None and _shared(stored["identity"], axes) != mine:
             raise UserError(f"{grid_dir} holds cells run with another config ({config_diff(_shared(stored['identity'], axes), mine)}, "
                             f"e.g. {old.name}); give another results_dir= to keep both")

@@ -1,18 +1,20 @@
 """Grid expansion: axes x seeds -> cells, each a resolved config, with invalid combinations skipped."""
 from __future__ import annotations
 
-import copy
 import functools
 import itertools
+import pickle
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from bench.runner.config import GROUPS, check_group_choice, compose_config, split_override
+from bench.runner import compose_cache
+from bench.runner.config import GROUPS, check_group_choice, split_override
 from bench.core.errors import UserError
-from bench.runner.resolve import cell_hash, resolve_cell
+from bench.runner.config_clone import ConfigFactory
+from bench.runner.resolve import cell_hash, resolved_values
 from bench.runner.components import incompatibility
 
 BASE_CELL = "base"
@@ -83,11 +85,13 @@ def expand_grid(grid_name: str, user_overrides: list[str]) -> tuple[DictConfig, 
     `key=a,b` adds or replaces an axis)."""
     check_group_choice("grid", grid_name)
     _composed.cache_clear()
+    _configs.clear()
+    compose_cache.forget()
     user_overrides, sweeps = split_sweeps(user_overrides)
     for key, values in sweeps.items():
         for v in values:
             check_group_choice(key, v)
-    base = compose_config([f"grid={grid_name}", *user_overrides, *(f"{k}={v[0]}" for k, v in sweeps.items())])
+    base = compose_cache.compose_cached([f"grid={grid_name}", *user_overrides, *(f"{k}={v[0]}" for k, v in sweeps.items())])
     if "grid" not in base or base.grid is None:
         raise UserError(f"grid '{grid_name}' defines no 'grid:' section")
     axes: dict[str, list] = {str(k): list(v) for k, v in (base.grid.get("axes") or {}).items()}
@@ -143,12 +147,16 @@ def expand_grid(grid_name: str, user_overrides: list[str]) -> tuple[DictConfig, 
     return base, cells
 
 
+_configs = ConfigFactory()  # the cells' resolved configs: a grid's cells share a few shapes
+
+
 @functools.lru_cache(maxsize=256)
-def _composed(template: tuple[str, ...]) -> DictConfig:
-    """The composed config of `template` (without a seed; never modified: callers copy it): one Hydra composition
-    per method, shared by its seeds (a seed is a plain value, so `seed=N` as an override and as a key set
-    afterwards give the same config). Cleared by every expand_grid, so edited YAML files are read again."""
-    return compose_config(list(template))
+def _composed(template: tuple[str, ...]) -> bytes:
+    """The composed config of `template` (without a seed), pickled: each cell unpickles its own copy (several
+    times faster than a deepcopy of a DictConfig). One Hydra composition per method, shared by its seeds (a seed
+    is a plain value, so `seed=N` as an override and as a key set afterwards give the same config), and kept
+    across runs (bench/runner/compose_cache.py). Cleared by every expand_grid, so edited YAML files are read again."""
+    return compose_cache.composed_bytes(template)
 
 
 def make_cell(method: str, seed: int, point: dict[str, Any], template: list[str], stage: str = "report",
@@ -156,9 +164,9 @@ def make_cell(method: str, seed: int, point: dict[str, Any], template: list[str]
     """One cell: `template` overrides (grid, axes, settings) plus the seed, composed and resolved."""
     overrides = [*template, f"seed={seed}"]
     dropped: dict[str, list[str]] = {}
-    composed = copy.deepcopy(_composed(tuple(template)))
+    composed = pickle.loads(_composed(tuple(template)))
     composed.seed = int(seed)
-    cfg = resolve_cell(composed, dropped)
+    cfg = _configs.make(resolved_values(composed, dropped, owned=True))
     return Cell(name or f"{method}-seed{seed}", method, seed, point, overrides, cfg, hash=cell_hash(cfg),
                 inapplicable=dropped, stage=stage, setting=dict(setting or {}),
                 labels={**{g: str(cfg[g].name) for g in ("sampler", "estimator", "objective") if g in cfg},

@@ -7,11 +7,12 @@ its hash changes whenever anything that shapes its numbers does.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from bench.core.errors import UserError
@@ -46,9 +47,11 @@ def _plain(cfg: Any) -> dict[str, Any]:
     return dict(cfg)
 
 
-def _with_world_defaults(cfg: DictConfig | dict) -> DictConfig | dict:
+def _with_world_defaults(cfg: DictConfig | dict, in_place: bool = False) -> DictConfig | dict:
     """The config with the world's defaults filled in before interpolations resolve: other sections read world
-    values (`sampler.shift: ${world.shift}`) that the world's YAML may leave to its code defaults."""
+    values (`sampler.shift: ${world.shift}`) that the world's YAML may leave to its code defaults. `in_place`: the
+    caller owns `cfg` (a fresh copy), so its world section is replaced there instead of rebuilding the whole config
+    (the same values either way; rebuilding is most of the cost of resolving a cell)."""
     if not isinstance(cfg, DictConfig) or not isinstance(cfg.get("world"), DictConfig) or "name" not in cfg.world:
         return cfg
     try:
@@ -56,13 +59,27 @@ def _with_world_defaults(cfg: DictConfig | dict) -> DictConfig | dict:
     except OmegaConfBaseException as e:
         raise UserError(f"bad config: {str(e).splitlines()[0]}") from None
     cls = COMPONENTS["world"].get(str(world["name"]))
+    filled = cls.resolve_options(world, prefix="world")
+    if in_place:
+        with open_dict(cfg):
+            cfg.world = filled
+        return cfg
     raw = OmegaConf.to_container(cfg, resolve=False)
-    raw["world"] = cls.resolve_options(world, prefix="world")
+    raw["world"] = filled
     return OmegaConf.create(raw)
 
 
 def group_keys(group: str) -> dict[str, list[str]]:
     """Every option key of a config group -> the members that declare it (e.g. estimator.J -> [elbo])."""
+    registry = COMPONENTS[group]
+    registry._load()  # the package's own members; entry-point plugins join _items when the first call loads them
+    return {k: list(v) for k, v in _group_keys(group, frozenset(registry._items)).items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _group_keys(group: str, members: frozenset[str]) -> dict[str, list[str]]:
+    # Keyed by the members the registry holds: a `module:Class` plugin loaded later is a new key. Listing entry
+    # points scans every installed distribution (ms each), too slow for every section of every cell.
     out: dict[str, list[str]] = {}
     for name in COMPONENTS[group].names():
         for key in COMPONENTS[group].get(name).options():
@@ -77,8 +94,10 @@ def _component(group: str, section: Any, inapplicable: dict[str, list[str]]) -> 
     if not isinstance(section, dict) or "name" not in section:
         raise UserError(f"{group}: needs a name; valid: {', '.join(COMPONENTS[group].names())}")
     cls = COMPONENTS[group].get(str(section["name"]))
-    own, others = cls.options(), group_keys(group)
-    for key in [k for k in section if k != "name" and k not in own and k in others]:
+    own = cls.options()
+    foreign = [k for k in section if k != "name" and k not in own]
+    others = group_keys(group) if foreign else {}
+    for key in [k for k in foreign if k in others]:
         inapplicable.setdefault(f"{group}.{key}", others[key])
         section = {k: v for k, v in section.items() if k != key}
     return cls.resolve_options(section, prefix=group)
@@ -87,8 +106,15 @@ def _component(group: str, section: Any, inapplicable: dict[str, list[str]]) -> 
 def resolve_cell(cfg: DictConfig | dict, inapplicable: dict[str, list[str]] | None = None) -> DictConfig:
     """The cell's config with every section checked against its schema and defaults filled (UserError if not);
     keys that belong to other members of a group are dropped and listed in `inapplicable` (key -> members)."""
+    return OmegaConf.create(resolved_values(cfg, inapplicable))
+
+
+def resolved_values(cfg: DictConfig | dict, inapplicable: dict[str, list[str]] | None = None,
+                    owned: bool = False) -> dict[str, Any]:
+    """resolve_cell's config as plain values. `owned`: `cfg` is the caller's own copy, which may be changed on
+    the way (faster)."""
     inapplicable = {} if inapplicable is None else inapplicable
-    d = _plain(_with_world_defaults(cfg))
+    d = _plain(_with_world_defaults(cfg, in_place=owned))
     known = {*COMPONENTS, *CELL_OPTIONS, *TOP_OPTIONS, "launcher", "logger", "grid", "hydra"}
     for key in d:
         if key not in known:
@@ -107,7 +133,7 @@ def resolve_cell(cfg: DictConfig | dict, inapplicable: dict[str, list[str]] | No
     out["logger"] = _named("logger", d.get("logger"), LOGGER_OPTIONS)
     if d.get("grid") is not None:
         out["grid"] = d["grid"]
-    return OmegaConf.create(out)
+    return out
 
 
 def check_until(budget: dict[str, Any], world_name: str) -> None:
