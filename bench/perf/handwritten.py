@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable
 
 import torch
 
+from bench.perf.rounds import mean_row, median_row
 from bench.runner.config import compose_config
 from bench.runner.resolve import resolve_cell
 from bench.runner.components import build_world
@@ -190,6 +190,7 @@ class HandWritten:
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=LR, weight_decay=1e-4, foreach=True)
         self.gen = torch.Generator().manual_seed(0)
         self.clock = Clock()
+        self.rows: list[dict[str, float]] = []  # one figure per timed round (bench.perf methods fills it)
         self.policy.velocity = self.clock.timed(self.policy.velocity, "model")
 
     def iterate(self) -> dict[str, float]:
@@ -206,11 +207,7 @@ def measure(loop: HandWritten, repeats: int, iterations: int, warmup: int) -> di
     """Medians over `repeats` rounds of the loop's per-iteration figures (each round: the mean of `iterations`)."""
     for _ in range(warmup):
         loop.iterate()
-    rounds = []
-    for _ in range(repeats):
-        rows = [loop.iterate() for _ in range(iterations)]
-        rounds.append({k: statistics.fmean(x[k] for x in rows) for k in rows[0]})
-    return {k: statistics.median(x[k] for x in rounds) for k in rounds[0]}
+    return median_row([mean_row([loop.iterate() for _ in range(iterations)]) for _ in range(repeats)])
 
 
 def main(argv: list[str]) -> int:

@@ -27,6 +27,7 @@ import torch
 
 from bench.core.errors import UserError
 from bench.perf.handwritten import LOOPS, HandWritten
+from bench.perf.rounds import mean_row, median_row
 from bench.perf.sd3 import Timers
 from bench.runner.components import incompatibility
 from bench.runner.config import compose_config, group_options
@@ -147,7 +148,7 @@ def measure(benches: list[Bench | HandWritten], repeats: int, iterations: int, w
                 rows.append(b.iterate() if isinstance(b, HandWritten) else iterate(b, it[id(b)]))
             if r == 0:
                 continue
-            b.rows = [*getattr(b, "rows", []), {k: statistics.fmean(x[k] for x in rows) for k in rows[0]}]
+            b.rows.append(mean_row(rows))
             if isinstance(b, Bench):
                 b.floor_s.append(replay(b) + b.rows[-1]["reward"])
 
@@ -156,7 +157,7 @@ def table(benches: list[Bench]) -> list[str]:
     lines = ["| preset | ms / iteration | NFE / iteration | us / NFE | outside model+reward | floor ms | x floor |",
              "|---|---|---|---|---|---|---|"]
     for b in benches:
-        med = {k: statistics.median(r[k] for r in b.rows) for k in b.rows[0]}
+        med = median_row(b.rows)
         floor = statistics.median(b.floor_s) if isinstance(b, Bench) else None
         floor_cols = "| - | - |" if floor is None else f"| {floor * 1e3:.1f} | {med['wall'] / floor:.2f} |"
         lines.append(f"| {b.label} | {med['wall'] * 1e3:.1f} | {med['nfe']:.0f} | {med['wall'] / med['nfe'] * 1e6:.1f} "
