@@ -125,7 +125,9 @@ def plan_cells(grid_dir: Path, cells: list[Cell], earlier: list[Cell]) -> dict[s
     valid = [c for c in cells if c.skip_reason is None]
     identities: dict[int, dict] = {}
 
-    def ident(c: Cell) -> dict:  # a cell's identity, computed once per call (a config to plain values is ms)
+    def ident(c: Cell) -> dict:  # a cell's identity, computed once (a config to plain values is ms)
+        if c.identity is not None:
+            return c.identity
         if id(c) not in identities:
             identities[id(c)] = identity(c.cfg)
         return identities[id(c)]

@@ -27,6 +27,18 @@ def test_hash_ignores_where_and_how_a_cell_runs_but_not_what_it_computes() -> No
     assert "launcher" not in identity(a.cfg) and identity(a.cfg)["train"]["lr"] == 3e-4
 
 
+def test_identity_kept_at_expansion_is_the_one_of_the_config() -> None:
+    """A cell's identity is computed from its plain values when it is made; it must equal the identity of the
+    DictConfig it runs with (what was stored before that shortcut), for every cell of the headline grid."""
+    _, cells = expand_grid("elbo_vs_stepwise", [])
+    assert len(cells) == 65  # 13 methods x 5 seeds, the invalid combinations included
+    for cell in cells:
+        assert cell.identity == identity(cell.cfg) and cell.hash == cell_hash(cell.cfg)
+    values = {"train": {"lr": 1e-3}, "world": {"name": "digits", "threads": 1}, "launcher": {"name": "local"}}
+    assert identity(values) == {"train": {"lr": 1e-3}, "world": {"name": "digits"}}
+    assert values["world"] == {"name": "digits", "threads": 1} and "launcher" in values  # the caller's dict is kept
+
+
 def test_defaults_are_filled_into_the_resolved_config() -> None:
     """config.yaml says everything a cell ran with, code defaults included."""
     _, [cell] = expand_grid("smoke", ONE_CELL[1:])

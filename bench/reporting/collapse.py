@@ -4,9 +4,11 @@ lowers the reward too)."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
+from bench.core.lazy import lazy_module
 from bench.worlds.detectors import Detector
+
+pd = lazy_module("pandas")
 
 
 def _name(metric: str) -> str:

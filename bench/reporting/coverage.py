@@ -14,15 +14,17 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import yaml
-from scipy import stats as sps
 
+from bench.core.lazy import lazy_module
 from bench.runner import store
 from bench.core.errors import UserError
 from bench.reporting.findings import run_table
 from bench.reporting.report import find_baseline, report_thresholds
 from bench.reporting.stats import bootstrap_ci, interval_coverage, mean_ci, paired_ratio_ci
+
+pd = lazy_module("pandas")
+sps = lazy_module("scipy.stats")
 
 MIN_SEEDS = 8
 

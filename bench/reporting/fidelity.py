@@ -20,14 +20,16 @@ from typing import Any
 
 import matplotlib
 import numpy as np
-import pandas as pd
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from scipy import stats as sps
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from bench.core.lazy import lazy_module
+
+matplotlib.use("Agg")  # before pyplot loads (at its first use)
+plt = lazy_module("matplotlib.pyplot")
+pd = lazy_module("pandas")
+sps = lazy_module("scipy.stats")
 
 from bench.runner import store
 from bench.runner.components import build_world, plain

@@ -8,12 +8,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
+from bench.core.lazy import lazy_module
 from bench.runner.grid import BASE_CELL
 from bench.reporting.spread import axis_contrast
 from bench.reporting.stats import censored_time, learning_curve_auc, mean_ci, paired_ratio_ci
 from bench.reporting.thresholds import fmt_nfe
+
+pd = lazy_module("pandas")
 
 SETTLED = ("finished", "diverged")  # runs whose figures are results (a diverged run counts as one)
 TIMING = ("wall_s", "device_hours")

@@ -9,12 +9,14 @@ import textwrap
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+from bench.core.lazy import lazy_module
+
+matplotlib.use("Agg")  # before pyplot loads (at its first use)
+plt = lazy_module("matplotlib.pyplot")
+pd = lazy_module("pandas")
+sns = lazy_module("seaborn")
 
 from bench.runner import store  # noqa: E402
 from bench.runner.grid import BASE_CELL  # noqa: E402

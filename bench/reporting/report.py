@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import yaml
 
+from bench.core.lazy import lazy_module
 from bench.runner import store
 from bench.core.errors import UserError
 from bench.reporting.findings import SETTLED, budget_cap, headline_threshold, identical_groups, run_table, summary_lines
@@ -35,6 +35,8 @@ from bench.reporting.thresholds import fmt_nfe, thresholds_section
 from bench.reporting.tuning_report import tuning_scores, tuning_section, tuning_summary_line
 from bench.worlds import WORLDS
 from bench.worlds.base import World
+
+pd = lazy_module("pandas")
 
 
 def fmt_ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:

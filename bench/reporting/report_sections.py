@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
+from bench.core.lazy import lazy_module
 from bench.runner import store
 from bench.reporting.collapse import seed_signs
 from bench.worlds.detectors import Detector
@@ -17,6 +17,8 @@ from bench.reporting.sample_grids import sample_grid
 from bench.reporting.stats import curve_envelope, mean_ci
 from bench.reporting.summary import flat_config
 from bench.reporting.thresholds import censored_mean_text, fmt_nfe, speedup
+
+pd = lazy_module("pandas")
 
 
 def ci_text(values, digits: int = 3) -> str:

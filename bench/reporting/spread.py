@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import pandas as pd
 
+from bench.core.lazy import lazy_module
 from bench.runner.grid import BASE_CELL
+
+pd = lazy_module("pandas")
 
 N_BOOT = 2000
 

@@ -14,11 +14,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import yaml
 
+from bench.core.lazy import lazy_module
 from bench.runner import store
 from bench.runner.grid import BASE_CELL, Cell
+
+pd = lazy_module("pandas")
 
 KEEP = ("iteration", "nfe", "optimizer_steps", "device_hours", "wall_s", "eval_reward", "eval_accuracy", "eval_heldout_accuracy",
         "eval_diversity", "eval_nearest_real")

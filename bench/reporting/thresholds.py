@@ -5,9 +5,11 @@ over the baseline are ratios of NFE paired by seed, with a t interval on the log
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
+from bench.core.lazy import lazy_module
 from bench.reporting.stats import mean_ci, paired_ratio_ci, ratio_ci
+
+pd = lazy_module("pandas")
 
 
 def fmt_nfe(v: float) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
 
+from bench.core.lazy import lazy_module
 from bench.reporting.report_sections import ci_text, short
 from bench.reporting.thresholds import fmt_nfe
+
+pd = lazy_module("pandas")
 
 
 def _value(v: str) -> float | str:

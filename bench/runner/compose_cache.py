@@ -76,7 +76,7 @@ def composed_bytes(overrides: tuple[str, ...]) -> bytes:
         pass
     data = pickle.dumps(compose_config(list(overrides)))
     if configs_digest() == digest:  # a file edited while composing: keep nothing under the old digest
-        _store(path, data)
+        store_entry(path, data)
     return data
 
 
@@ -85,7 +85,8 @@ def compose_cached(overrides: list[str]) -> DictConfig:
     return pickle.loads(composed_bytes(tuple(overrides)))
 
 
-def _store(path: Path, data: bytes) -> None:
+def store_entry(path: Path, data: bytes) -> None:
+    """Write one entry atomically (a concurrent reader sees all of it or nothing); failures are ignored."""
     try:
         new_state = not path.parent.is_dir()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -230,7 +230,8 @@ def write_identity(cell: Cell, cell_dir: Path) -> None:
     """config.yaml (the resolved config) and identity.json (its hash and semantic part), before training starts:
     a later run with another config compares against them and never resumes this cell's work."""
     store.atomic_write_text(cell_dir / store.CONFIG_FILE, resolved_yaml(cell.cfg))
-    store.atomic_write_text(cell_dir / IDENTITY_FILE, json.dumps({"hash": cell.hash, "identity": identity(cell.cfg)},
+    ident = cell.identity if cell.identity is not None else identity(cell.cfg)
+    store.atomic_write_text(cell_dir / IDENTITY_FILE, json.dumps({"hash": cell.hash, "identity": ident},
                                                                  indent=1, sort_keys=True, default=str))
 
 

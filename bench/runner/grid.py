@@ -10,11 +10,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from bench.runner import compose_cache
+from bench.runner import compose_cache, resolve_cache
 from bench.runner.config import GROUPS, check_group_choice, split_override
 from bench.core.errors import UserError
 from bench.runner.config_clone import ConfigFactory
-from bench.runner.resolve import cell_hash, resolved_values
+from bench.runner.resolve import identity, identity_hash, resolved_values
 from bench.runner.components import incompatibility
 
 BASE_CELL = "base"
@@ -36,6 +36,8 @@ class Cell:
     inapplicable: dict[str, list[str]] = field(default_factory=dict)  # keys of other group members, left out
     stage: str = "report"          # "tune": a run of the tuning sweep (grid.tune), not part of the comparison
     setting: dict[str, Any] = field(default_factory=dict)  # the tuned keys' values this cell runs with
+    # bench.runner.resolve.identity(cfg), kept from when the cell was made (planning compares it with the folder's)
+    identity: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def template(self) -> list[str]:
@@ -87,6 +89,7 @@ def expand_grid(grid_name: str, user_overrides: list[str]) -> tuple[DictConfig, 
     _composed.cache_clear()
     _configs.clear()
     compose_cache.forget()
+    resolve_cache.forget()
     user_overrides, sweeps = split_sweeps(user_overrides)
     for key, values in sweeps.items():
         for v in values:
@@ -159,15 +162,23 @@ def _composed(template: tuple[str, ...]) -> bytes:
     return compose_cache.composed_bytes(template)
 
 
+def _resolved(template: list[str], seed: int) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The plain resolved values of the cell of `template` and `seed`, and the keys left out as other members'."""
+    dropped: dict[str, list[str]] = {}
+    composed = pickle.loads(_composed(tuple(template)))
+    composed.seed = int(seed)
+    return resolved_values(composed, dropped, owned=True), dropped
+
+
 def make_cell(method: str, seed: int, point: dict[str, Any], template: list[str], stage: str = "report",
               setting: dict[str, Any] | None = None, name: str | None = None) -> Cell:
     """One cell: `template` overrides (grid, axes, settings) plus the seed, composed and resolved."""
     overrides = [*template, f"seed={seed}"]
-    dropped: dict[str, list[str]] = {}
-    composed = pickle.loads(_composed(tuple(template)))
-    composed.seed = int(seed)
-    cfg = _configs.make(resolved_values(composed, dropped, owned=True))
-    return Cell(name or f"{method}-seed{seed}", method, seed, point, overrides, cfg, hash=cell_hash(cfg),
+    values, dropped = resolve_cache.resolved_cell(tuple(template), int(seed), lambda: _resolved(template, seed))
+    ident = identity(values)  # of the plain values: converting the DictConfig back costs as much as resolving
+    cfg = _configs.make(values)
+    return Cell(name or f"{method}-seed{seed}", method, seed, point, overrides, cfg, hash=identity_hash(ident),
+                identity=ident,
                 inapplicable=dropped, stage=stage, setting=dict(setting or {}),
                 labels={**{g: str(cfg[g].name) for g in ("sampler", "estimator", "objective") if g in cfg},
                         # the method/ recipe, even when chosen outside the axes

@@ -162,8 +162,9 @@ def _named(group: str, section: Any, options: dict[str, dict[str, Option]]) -> d
 
 
 def identity(cfg: DictConfig | dict) -> dict[str, Any]:
-    """What a cell computes: its resolved config without the keys in NON_SEMANTIC."""
-    d = _plain(cfg)
+    """What a cell computes: its resolved config without the keys in NON_SEMANTIC (of plain values `cfg`, a new
+    dict: the caller's sections are copied before keys are dropped)."""
+    d = _plain(cfg) if isinstance(cfg, DictConfig) else {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
     for key in NON_SEMANTIC:
         head, _, tail = key.partition(".")
         if tail:
@@ -176,7 +177,12 @@ def identity(cfg: DictConfig | dict) -> dict[str, Any]:
 
 def cell_hash(cfg: DictConfig | dict) -> str:
     """12 hex digits of the SHA-256 of the cell's identity (keys sorted, so it does not depend on YAML order)."""
-    text = json.dumps(identity(cfg), sort_keys=True, default=str)
+    return identity_hash(identity(cfg))
+
+
+def identity_hash(ident: dict[str, Any]) -> str:
+    """cell_hash of a cell whose identity is already known."""
+    text = json.dumps(ident, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

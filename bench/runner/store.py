@@ -382,9 +382,28 @@ def restore_metrics(cell_dir: Path, ckpt: dict[str, Any]) -> None:
     atomic_write_text(path, text)
 
 
+VERIFIED_FILE = ".metrics_checked"  # size and mtime of a finished cell's metrics.jsonl when last checked intact
+
+
+def _stamp(path: Path) -> str | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return f"{st.st_size} {st.st_mtime_ns}"
+
+
 def repair_finished_metrics(cell_dir: Path, echo: Callable[[str], None] | None = None) -> bool:
     """A finished cell whose metrics.jsonl lost rows (truncated, torn, garbled past some row) gets them back from
     its final checkpoint, with one line saying so; True if it was repaired."""
+    # A file checked before and untouched since (same size and mtime) needs no second look: reading it and the
+    # checkpoint is most of what a rerun of a finished grid would spend on its cells.
+    marker, stamp = Path(cell_dir) / VERIFIED_FILE, _stamp(Path(cell_dir) / METRICS_FILE)
+    try:
+        if stamp is not None and marker.read_text().strip() == stamp:
+            return False
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
     ckpts = checkpoint_paths(cell_dir)
     if not ckpts:
         return False
@@ -394,6 +413,11 @@ def repair_finished_metrics(cell_dir: Path, echo: Callable[[str], None] | None =
     except (CorruptStateFile, KeyError):
         return False
     if rows == saved or rows != saved[: len(rows)]:  # intact, or changed rather than cut: leave it alone
+        if stamp is not None:
+            try:
+                atomic_write_text(marker, stamp + "\n")
+            except OSError:  # a read-only folder is checked again next time
+                pass
         return False
     restore_metrics(cell_dir, {"metrics_rows": saved})
     (echo or _warn)(f"warning: '{Path(cell_dir) / METRICS_FILE}' had lost {len(saved) - len(rows)} of its "

@@ -7,6 +7,7 @@ colour attribution, as SD3.5-M is on GenEval.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -14,7 +15,6 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-from diffusers import SD3Transformer2DModel
 
 from bench.core.errors import UserError
 from bench.worlds.sd3_text import SD3PromptEncoder
@@ -76,17 +76,32 @@ PRETRAIN: dict[str, Any] = {
 }
 
 
-class ShapesTransformer(SD3Transformer2DModel):
-    """diffusers' SD3Transformer2DModel whose output is read as x0: forward returns the flow velocity
-    v = (x_t - x0_hat) / max(t, t_min), so samplers, estimators and LoRA see the SD3 velocity interface."""
+@functools.cache
+def shapes_transformer_class() -> type:
+    """ShapesTransformer, defined at first use: planning a grid imports every world module, and diffusers takes
+    2-4 s to import."""
+    from diffusers import SD3Transformer2DModel
 
-    t_min = PRETRAIN["t_min"]
+    class ShapesTransformer(SD3Transformer2DModel):
+        """diffusers' SD3Transformer2DModel whose output is read as x0: forward returns the flow velocity
+        v = (x_t - x0_hat) / max(t, t_min), so samplers, estimators and LoRA see the SD3 velocity interface."""
 
-    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        kwargs["return_dict"] = False
-        x0_hat = super().forward(hidden_states, *args, timestep=timestep, **kwargs)[0]
-        t = (timestep.float() / 1000).clamp(min=self.t_min).view(-1, *[1] * (hidden_states.dim() - 1))
-        return ((hidden_states - x0_hat) / t.to(hidden_states.dtype),)
+        t_min = PRETRAIN["t_min"]
+
+        def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            kwargs["return_dict"] = False
+            x0_hat = super().forward(hidden_states, *args, timestep=timestep, **kwargs)[0]
+            t = (timestep.float() / 1000).clamp(min=self.t_min).view(-1, *[1] * (hidden_states.dim() - 1))
+            return ((hidden_states - x0_hat) / t.to(hidden_states.dtype),)
+
+    ShapesTransformer.__qualname__ = "ShapesTransformer"  # pickles as bench.worlds.shapes_model.ShapesTransformer
+    return ShapesTransformer
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ShapesTransformer":
+        return shapes_transformer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_transformer(cfg: Mapping[str, Any] = PRETRAIN) -> torch.nn.Module:
@@ -95,7 +110,7 @@ def build_transformer(cfg: Mapping[str, Any] = PRETRAIN) -> torch.nn.Module:
         return build_tiny_transformer(int(cfg["tiny_seed"]), cfg["tiny"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg["tiny_seed"]) + 5)
-        model = ShapesTransformer(**tiny_spec(cfg["tiny"])["transformer"])
+        model = shapes_transformer_class()(**tiny_spec(cfg["tiny"])["transformer"])
     model.t_min = float(cfg["t_min"])
     return model.eval()
 
