@@ -117,3 +117,34 @@ def test_parallel_threads_do_not_oversubscribe() -> None:
 def test_launcher_config_errors(override: list[str], message: str) -> None:
     with pytest.raises(UserError, match=message):
         check_launcher(resolve_cell(compose_config(["grid=smoke", *override])))
+
+
+def test_finished_and_diverged_cells_reach_no_launcher_and_failed_ones_are_retried(tmp_path: Path) -> None:
+    """A rerun keeps finished and diverged cells as results (execute.FINAL): none is handed to the launcher (the
+    parallel one would start its worker pool only to read their status); a failed cell is run again."""
+    from omegaconf import OmegaConf
+
+    from bench.runner.execute import Task
+    from bench.runner.grid import Cell
+    from bench.runner.launchers import drive
+
+    cfg = OmegaConf.create({"lock": {"heartbeat_s": 30}})
+    tasks = []
+    for name, state in [("a-seed0", "done"), ("b-seed0", "diverged"), ("c-seed0", "failed"), ("d-seed0", None)]:
+        if state is not None:
+            (tmp_path / name).mkdir()
+            store.write_status(tmp_path / name, state)
+        tasks.append(Task("cell", Cell(name, name[:1], 0, {}, [], cfg)))
+
+    class Recording:
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def run(self, batch: list[Task], grid_dir: Path) -> dict[str, str]:
+            self.seen += [t.name for t in batch]
+            return {t.name: "done" for t in batch}
+
+    launcher = Recording()
+    outcome = drive(launcher, tasks, tmp_path, poll_s=0.01, echo=lambda line: None)
+    assert launcher.seen == ["c-seed0", "d-seed0"]
+    assert outcome == {"a-seed0": "done", "b-seed0": "diverged", "c-seed0": "done", "d-seed0": "done"}

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from bench.runner import distributed, lifeline, store
 from bench.core.errors import UserError
 from bench.core.threads import cap_threads
-from bench.runner.execute import SETTLED, Task, base_metrics_path, make_lock, run_task, task_dir
+from bench.runner.execute import FINAL, SETTLED, Task, base_metrics_path, make_lock, run_task, task_dir
 
 LAUNCHERS = ("local", "parallel", "slurm")
 
@@ -297,14 +297,16 @@ def settled_status(task: Task, grid_dir: Path) -> str:
 
 def drive(launcher: Launcher, tasks: list[Task], grid_dir: Path, poll_s: float = 10.0, max_attempts: int = 3,
           echo: Callable[[str], None] = print) -> dict[str, str]:
-    """Run every unit to a settled outcome (done or failed), sharing the grid with any other runner: units locked
+    """Run every unit to a settled outcome (done, diverged or failed), sharing the grid with any other runner: units locked
     by a live runner are left to it and waited for; units whose runner died (stale lock) are taken over and
     resumed; a unit whose process dies `max_attempts` times counts as failed."""
     if isinstance(launcher, DataParallelLauncher):  # one pass, the same on every rank
         return launcher.run(tasks, grid_dir)
-    outcome = {t.name: "done" for t in tasks if settled_status(t, grid_dir) == "done"}
+    # Finished and diverged units are results a rerun keeps: no launcher sees them (a worker pool started only to
+    # read their status cost a rerun of the headline grid 7 s).
+    outcome = {t.name: s for t in tasks if (s := settled_status(t, grid_dir)) in FINAL}
     for t in tasks:
-        if t.kind == "cell" and t.name in outcome:  # rows lost from a finished cell come back from its checkpoint
+        if t.kind == "cell" and outcome.get(t.name) == "done":  # lost rows of a finished cell: from its checkpoint
             store.repair_finished_metrics(task_dir(t, grid_dir))
     pending = [t for t in tasks if t.name not in outcome]
     attempts: Counter[str] = Counter()
