@@ -108,7 +108,7 @@ def _seed_dependent(cells: list[Cell], ident: Callable[[Cell], dict]) -> set[str
     rule (bench.reporting.summary.seed_derived_keys), method by method."""
     by_method: dict[str, list[Cell]] = {}
     for c in cells:
-        if c.cfg is not None and c.skip_reason is None:
+        if c.has_config and c.skip_reason is None:
             by_method.setdefault(c.method, []).append(c)
     keys: set[str] = set()
     for group in by_method.values():
