@@ -112,3 +112,18 @@ def test_a_checked_intact_metrics_file_is_not_read_again_until_it_changes(tmp_pa
     warnings: list[str] = []
     assert store.repair_finished_metrics(cell, echo=warnings.append) is True
     assert (cell / store.METRICS_FILE).read_text() == reference and len(warnings) == 1
+
+
+def test_cells_sharing_their_method_sections_share_one_incompatibility_answer() -> None:
+    """mark_invalid asks incompatibility() once per combination of the method sections and world: every cell gets
+    the answer its own config gives, and the cells that were not asked keep their config unbuilt."""
+    from bench.runner.components import incompatibility
+    from bench.runner.grid import expand_grid, mark_invalid
+
+    _, cells = expand_grid("elbo_vs_stepwise", ["grid.tune=null"])  # 3 x 2 x 2 methods x 5 seeds
+    mark_invalid(cells)
+    unbuilt = [c for c in cells if c.values is not None]
+    assert len(unbuilt) >= len(cells) // 2
+    assert {c.skip_reason for c in cells} == {None, "estimator 'stepwise' needs SDE edges but sampler 'ode' has none"}
+    for cell in cells:
+        assert cell.skip_reason == incompatibility(cell.cfg), cell.name

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from bench.runner.resolve import identity, identity_hash, resolved_values
 from bench.runner.components import incompatibility
 
 BASE_CELL = "base"
+METHOD_SECTIONS = ("sampler", "estimator", "objective", "advantage")  # what bench.runner.components.incompatibility reads
 
 
 @dataclass
@@ -231,8 +233,18 @@ def unused_keys(cells: list[Cell]) -> dict[str, list[str]]:
 def mark_invalid(cells: list[Cell]) -> None:
     """Fill skip_reason for combinations that cannot work (e.g. stepwise on an ODE sampler)."""
 
+    # incompatibility() reads the four method sections and the world's name only: cells that share them (a
+    # method's seeds and tuned settings) share its answer, and a cell whose config was never built stays unbuilt.
+    answers: dict[str, str | None] = {}
     for cell in cells:
-        cell.skip_reason = incompatibility(cell.cfg)
+        if cell.values is None:
+            cell.skip_reason = incompatibility(cell.cfg)
+            continue
+        key = json.dumps([cell.values.get(g) for g in METHOD_SECTIONS] + [(cell.values.get("world") or {}).get("name")],
+                         sort_keys=True, default=repr)
+        if key not in answers:
+            answers[key] = incompatibility(cell.cfg)
+        cell.skip_reason = answers[key]
 
 
 def resolved_yaml(cfg: DictConfig) -> str:
