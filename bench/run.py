@@ -17,13 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench.runner import distributed, store
 from bench.runner.cli_help import help_text
-from bench.runner.components import fallback_warnings, plain, validate_cell
+from bench.runner.components import fallback_warnings, plain
 from bench.runner.config import split_override
 from bench.core.errors import UserError
 from bench.reporting.fidelity import run_fidelity
 from bench.runner.freshness import is_fresh, mark_fresh, report_key
 from bench.runner.execute import FINAL, Task, read_base_metrics, read_identity, run_cell  # noqa: F401 (public: bench.run.run_cell)
-from bench.runner.grid import Cell, expand_grid, mark_invalid, unused_keys
+from bench.runner.grid import Cell, expand_grid, mark_invalid, unused_keys, validate_cells
 from bench.runner.launchers import build_launcher, check_launcher, drive
 from bench.runner.loggers import check_logger
 from bench.reporting.report import write_report
@@ -75,8 +75,7 @@ def prepare(argv: list[str], dry: bool = False) -> tuple[str, DictConfig, list[C
     a cluster's configs can be inspected anywhere."""
     grid_name, overrides = parse_args(argv)
     base, cells = expand_grid(grid_name, overrides)
-    for cell in cells:
-        validate_cell(cell.cfg, check_files=not dry)
+    validate_cells(cells, check_files=not dry)
     for line in fallback_warnings(base):
         print(line, file=sys.stderr)
     mark_invalid(cells)

@@ -84,6 +84,22 @@ def test_selection_by_hand(tmp_path: Path) -> None:
     assert scores[1e-3] == -np.inf
 
 
+def test_a_kept_score_is_used_only_for_the_metrics_and_question_it_was_computed_for(tmp_path: Path) -> None:
+    """run_score keeps each finished run's score beside its metrics: asked again it answers the same without
+    reading them, a different metric or budget is scored afresh, and a metrics file that grew is read again."""
+    d = tmp_path / "tune-m-lr=1e-4-seed5"
+    write_run(d, [0, 50_000, 100_000], [0.2, 0.4, 0.6], "done")
+    assert run_score(d, "eval_accuracy", 100_000, "auc") == pytest.approx(0.4)  # trapezoid: (0.3 + 0.5) / 2
+    assert (d / ".tuning_score").exists()
+    assert run_score(d, "eval_accuracy", 100_000, "auc") == pytest.approx(0.4)
+    assert run_score(d, "eval_accuracy", 50_000, "auc") == pytest.approx(0.3)     # (0.2 + 0.4) / 2
+    assert run_score(d, "eval_accuracy", 100_000, "final") == pytest.approx(0.6)
+    store.append_metrics(d, {"iteration": 150, "nfe": 150_000, "eval_reward": 1.0, "eval_accuracy": 1.0})
+    assert run_score(d, "eval_accuracy", 100_000, "final") == pytest.approx(1.0)
+    # area over [0, 150k]: 50k * 0.3 + 50k * 0.5 + 50k * 0.8, over the width
+    assert run_score(d, "eval_accuracy", 150_000, "auc") == pytest.approx(80_000 / 150_000)
+
+
 @pytest.fixture(scope="module")
 def tuned_grid(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tuned")

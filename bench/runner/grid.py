@@ -6,6 +6,7 @@ import itertools
 import json
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from bench.runner.config import GROUPS, check_group_choice, split_override
 from bench.core.errors import UserError
 from bench.runner.config_clone import ConfigFactory
 from bench.runner.resolve import identity, identity_hash, resolved_values
-from bench.runner.components import incompatibility
+from bench.runner.components import incompatibility, validate_cell
 
 BASE_CELL = "base"
 METHOD_SECTIONS = ("sampler", "estimator", "objective", "advantage")  # what bench.runner.components.incompatibility reads
@@ -230,21 +231,44 @@ def unused_keys(cells: list[Cell]) -> dict[str, list[str]]:
     return {k: cells[0].inapplicable[k] for k in sorted(common)}
 
 
+def _sections(cell: Cell, sections: tuple[str, ...]) -> dict[str, Any]:
+    """The cell's resolved config sections and world as plain values, without building its config."""
+    if cell.values is not None:
+        return {g: cell.values.get(g) for g in (*sections, "world")}
+    return {g: OmegaConf.to_container(cell.cfg[g], resolve=True) if isinstance(cell.cfg.get(g), DictConfig)
+            else cell.cfg.get(g) for g in (*sections, "world")}
+
+
+def _checked_once(cells: list[Cell], sections: tuple[str, ...], world_keys: tuple[str, ...] | None,
+                  check: Callable[[DictConfig], Any]) -> list[Any]:
+    """check() on a config of just `sections` and the world (only its `world_keys` when given), once per distinct
+    set of their values; the answer of each cell in order."""
+    # The checks read those sections only: a method's seeds and tuned settings share one answer, and a rerun of
+    # a finished grid builds no cell config for them.
+    answers: dict[str, Any] = {}
+    out = []
+    for cell in cells:
+        part = _sections(cell, sections)
+        world = dict(part["world"] or {})
+        # each seed draws its own eval noise (world.eval.noise_seed), which no check reads
+        world["eval"] = {k: v for k, v in (world.get("eval") or {}).items() if k != "noise_seed"}
+        part["world"] = {k: world.get(k) for k in world_keys} if world_keys is not None else world
+        key = json.dumps(part, sort_keys=True, default=repr)
+        if key not in answers:
+            answers[key] = check(OmegaConf.create(part))
+        out.append(answers[key])
+    return out
+
+
+def validate_cells(cells: list[Cell], check_files: bool = True) -> None:
+    """validate_cell (UserError on the first bad one, in grid order) on every cell."""
+    _checked_once(cells, ("train", *METHOD_SECTIONS), None, lambda cfg: validate_cell(cfg, check_files=check_files))
+
+
 def mark_invalid(cells: list[Cell]) -> None:
     """Fill skip_reason for combinations that cannot work (e.g. stepwise on an ODE sampler)."""
-
-    # incompatibility() reads the four method sections and the world's name only: cells that share them (a
-    # method's seeds and tuned settings) share its answer, and a cell whose config was never built stays unbuilt.
-    answers: dict[str, str | None] = {}
-    for cell in cells:
-        if cell.values is None:
-            cell.skip_reason = incompatibility(cell.cfg)
-            continue
-        key = json.dumps([cell.values.get(g) for g in METHOD_SECTIONS] + [(cell.values.get("world") or {}).get("name")],
-                         sort_keys=True, default=repr)
-        if key not in answers:
-            answers[key] = incompatibility(cell.cfg)
-        cell.skip_reason = answers[key]
+    for cell, reason in zip(cells, _checked_once(cells, METHOD_SECTIONS, ("name",), incompatibility)):
+        cell.skip_reason = reason
 
 
 def resolved_yaml(cfg: DictConfig) -> str:

@@ -385,7 +385,8 @@ def restore_metrics(cell_dir: Path, ckpt: dict[str, Any]) -> None:
 VERIFIED_FILE = ".metrics_checked"  # size and mtime of a finished cell's metrics.jsonl when last checked intact
 
 
-def _stamp(path: Path) -> str | None:
+def file_stamp(path: Path) -> str | None:
+    """'size mtime_ns' of a file (None if it is not there): unchanged means not rewritten since."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -398,7 +399,7 @@ def repair_finished_metrics(cell_dir: Path, echo: Callable[[str], None] | None =
     its final checkpoint, with one line saying so; True if it was repaired."""
     # A file checked before and untouched since (same size and mtime) needs no second look: reading it and the
     # checkpoint is most of what a rerun of a finished grid would spend on its cells.
-    marker, stamp = Path(cell_dir) / VERIFIED_FILE, _stamp(Path(cell_dir) / METRICS_FILE)
+    marker, stamp = Path(cell_dir) / VERIFIED_FILE, file_stamp(Path(cell_dir) / METRICS_FILE)
     try:
         if stamp is not None and marker.read_text().strip() == stamp:
             return False
