@@ -235,8 +235,9 @@ def _sections(cell: Cell, sections: tuple[str, ...]) -> dict[str, Any]:
     """The cell's resolved config sections and world as plain values, without building its config."""
     if cell.values is not None:
         return {g: cell.values.get(g) for g in (*sections, "world")}
-    return {g: OmegaConf.to_container(cell.cfg[g], resolve=True) if isinstance(cell.cfg.get(g), DictConfig)
-            else cell.cfg.get(g) for g in (*sections, "world")}
+    cfg = cell.cfg
+    return {g: OmegaConf.to_container(cfg[g], resolve=True) if isinstance(cfg.get(g), DictConfig) else cfg.get(g)
+            for g in (*sections, "world")}
 
 
 def _checked_once(cells: list[Cell], sections: tuple[str, ...], world_keys: tuple[str, ...] | None,
@@ -249,10 +250,12 @@ def _checked_once(cells: list[Cell], sections: tuple[str, ...], world_keys: tupl
     out = []
     for cell in cells:
         part = _sections(cell, sections)
-        world = dict(part["world"] or {})
-        # each seed draws its own eval noise (world.eval.noise_seed), which no check reads
-        world["eval"] = {k: v for k, v in (world.get("eval") or {}).items() if k != "noise_seed"}
-        part["world"] = {k: world.get(k) for k in world_keys} if world_keys is not None else world
+        world = part["world"] or {}
+        if world_keys is not None:
+            part["world"] = {k: world.get(k) for k in world_keys}
+        else:  # each seed draws its own eval noise (world.eval.noise_seed), which no check reads
+            eval_cfg = {k: v for k, v in (world.get("eval") or {}).items() if k != "noise_seed"}
+            part["world"] = {**world, "eval": eval_cfg}
         key = json.dumps(part, sort_keys=True, default=repr)
         if key not in answers:
             answers[key] = check(OmegaConf.create(part))

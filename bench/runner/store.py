@@ -394,17 +394,35 @@ def file_stamp(path: Path) -> str | None:
     return f"{st.st_size} {st.st_mtime_ns}"
 
 
+NOT_KEPT = object()  # kept_answer: nothing kept under that key
+
+
+def kept_answer(path: Path, key: Any) -> Any:
+    """What keep_answer stored at `path` under `key` (a file stamp and whatever else the answer depends on), or
+    NOT_KEPT when the file is missing, unreadable or holds another key."""
+    try:
+        saved = json.loads(Path(path).read_text())
+        return saved["value"] if saved["key"] == json.loads(json.dumps(key)) else NOT_KEPT
+    except (FileNotFoundError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return NOT_KEPT
+
+
+def keep_answer(path: Path, key: Any, value: Any) -> None:
+    """Store a JSON value under `key` for kept_answer; a read-only folder keeps nothing (asked again next time)."""
+    try:
+        atomic_write_text(Path(path), json.dumps({"key": key, "value": value}))
+    except OSError:
+        pass
+
+
 def repair_finished_metrics(cell_dir: Path, echo: Callable[[str], None] | None = None) -> bool:
     """A finished cell whose metrics.jsonl lost rows (truncated, torn, garbled past some row) gets them back from
     its final checkpoint, with one line saying so; True if it was repaired."""
     # A file checked before and untouched since (same size and mtime) needs no second look: reading it and the
     # checkpoint is most of what a rerun of a finished grid would spend on its cells.
     marker, stamp = Path(cell_dir) / VERIFIED_FILE, file_stamp(Path(cell_dir) / METRICS_FILE)
-    try:
-        if stamp is not None and marker.read_text().strip() == stamp:
-            return False
-    except (FileNotFoundError, UnicodeDecodeError):
-        pass
+    if stamp is not None and kept_answer(marker, stamp) is not NOT_KEPT:
+        return False
     ckpts = checkpoint_paths(cell_dir)
     if not ckpts:
         return False
@@ -415,10 +433,7 @@ def repair_finished_metrics(cell_dir: Path, echo: Callable[[str], None] | None =
         return False
     if rows == saved or rows != saved[: len(rows)]:  # intact, or changed rather than cut: leave it alone
         if stamp is not None:
-            try:
-                atomic_write_text(marker, stamp + "\n")
-            except OSError:  # a read-only folder is checked again next time
-                pass
+            keep_answer(marker, stamp, True)
         return False
     restore_metrics(cell_dir, {"metrics_rows": saved})
     (echo or _warn)(f"warning: '{Path(cell_dir) / METRICS_FILE}' had lost {len(saved) - len(rows)} of its "

@@ -16,7 +16,6 @@ scores 0 from its divergence on, a failed one makes its setting unselectable.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,20 +135,12 @@ def run_score(cell_dir: Path, metric: str, budget: float | None, select: str) ->
     # Reading ~110 metrics files was a tenth of a rerun of the finished headline grid: a score is kept next to
     # the metrics it came from and used while they are unchanged (same size and mtime) and asked the same way.
     key = [store.file_stamp(Path(cell_dir) / store.METRICS_FILE), status, metric, budget, select]
-    kept = Path(cell_dir) / SCORE_FILE
-    try:
-        saved = json.loads(kept.read_text())
-        if saved["key"] == key:
-            return float(saved["score"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        pass
-    score = _score(store.read_metrics(cell_dir), status, metric, budget, select)
-    if key[0] is not None:
-        try:
-            store.atomic_write_text(kept, json.dumps({"key": key, "score": score}))
-        except OSError:  # a read-only folder scores again next time
-            pass
-    return score
+    score = store.kept_answer(Path(cell_dir) / SCORE_FILE, key)
+    if score is store.NOT_KEPT:
+        score = _score(store.read_metrics(cell_dir), status, metric, budget, select)
+        if key[0] is not None:
+            store.keep_answer(Path(cell_dir) / SCORE_FILE, key, score)
+    return float(score)
 
 
 def _score(metrics: list[dict[str, Any]], status: str, metric: str, budget: float | None, select: str) -> float:
